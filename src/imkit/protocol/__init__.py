@@ -1,0 +1,51 @@
+"""The imkit wire protocol: framing, strict CBOR codec, typed messages, sans-IO connection."""
+
+from __future__ import annotations
+
+from imkit.protocol._messages import (
+    SENDERS,
+    Error,
+    ErrorCode,
+    FrameType,
+    Kick,
+    Login,
+    LoginAck,
+    Message,
+    Notify,
+    Ping,
+    Pong,
+    Push,
+    PushAck,
+    PushBatch,
+    Receipt,
+    Role,
+    Send,
+    SendAck,
+    SyncPage,
+    SyncRequest,
+    SyncResponse,
+)
+
+__all__ = [
+    "SENDERS",
+    "Error",
+    "ErrorCode",
+    "FrameType",
+    "Kick",
+    "Login",
+    "LoginAck",
+    "Message",
+    "Notify",
+    "Ping",
+    "Pong",
+    "Push",
+    "PushAck",
+    "PushBatch",
+    "Receipt",
+    "Role",
+    "Send",
+    "SendAck",
+    "SyncPage",
+    "SyncRequest",
+    "SyncResponse",
+]
