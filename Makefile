@@ -1,10 +1,10 @@
-# Two targets a fresh machine needs: `make run` and `make test`.
+# The quick start: `make run` (the IM system) and `make test` (everything CI checks).
 # Both create ./.venv (or $(VENV)) with the dev extra on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint smoke bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -13,15 +13,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m examples.tour
+	$(PY) -m examples.cluster
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
-	$(VENV)/bin/mypy --strict src tests
+	$(VENV)/bin/mypy --strict src tests examples
 	$(VENV)/bin/lint-imports
 
 test: lint
 	$(PY) -m pytest -q
+	PY=$(PY) bash scripts/quickstart_smoke.sh
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

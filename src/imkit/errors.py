@@ -25,15 +25,19 @@ internal details meant for a peer.
     │       ├── MalformedBody                  not strict CBOR / not the message schema
     │       ├── InvalidField                   .field, .reason: a value out of range or empty
     │       ├── DecompressionError             LZ4 body corrupt or over its max size
-    │       └── UnexpectedFrame                a frame type this side must never receive
+    │       ├── UnexpectedFrame                a frame type this side must never receive
+    │       └── TruncatedFrame                 .received, .expected: EOF inside a frame
     ├── SessionError                           the delivery state machines
     │   ├── NotLoggedIn                        a frame other than login before login
     │   ├── AuthError                          bad, expired or foreign token
     │   └── SendFailed                         a send exhausted its retries
     ├── SeqError                               seq allocation
     ├── StoreError                             message store backends
-    │   └── ConversationNotFound (KeyError)
-    └── BackendError                           bus / discovery / redis / nats failures
+    │   ├── ConversationNotFound (KeyError)
+    │   ├── UserNotFound (KeyError)
+    │   └── NotMember                          e.g. a read cursor of a non-member
+    ├── BackendError                           bus / discovery / redis / nats failures
+    └── ConnectionClosed (ConnectionError)     .code, .reason: the aio connection is closed
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ __all__ = [
     "CapacityError",
     "ClockRegression",
     "ConfigError",
+    "ConnectionClosed",
     "ConversationNotFound",
     "DecompressionError",
     "EmptyRingError",
@@ -55,6 +60,7 @@ __all__ = [
     "MalformedBody",
     "NodeNotFoundError",
     "NotLoggedIn",
+    "NotMember",
     "ProtocolError",
     "QuotaExceeded",
     "RemoteProtocolError",
@@ -63,7 +69,9 @@ __all__ = [
     "SessionError",
     "StoreError",
     "TimeWentBackwards",
+    "TruncatedFrame",
     "UnexpectedFrame",
+    "UserNotFound",
 ]
 
 
@@ -232,6 +240,18 @@ class UnexpectedFrame(RemoteProtocolError):
         return f"{self.frame_type} frames may not be sent to the {self.role}"
 
 
+class TruncatedFrame(RemoteProtocolError):
+    """The stream ended (EOF) inside a frame: ``received`` of its ``expected`` bytes arrived."""
+
+    def __init__(self, received: int, expected: int) -> None:
+        super().__init__(received, expected)
+        self.received = received
+        self.expected = expected
+
+    def __str__(self) -> str:
+        return f"stream ended inside a frame after {self.received} of {self.expected} bytes"
+
+
 # --- session --------------------------------------------------------------------
 
 
@@ -291,8 +311,47 @@ class ConversationNotFound(StoreError, KeyError):
         return f"conversation {self.conv!r} not found"
 
 
+class UserNotFound(StoreError, KeyError):
+    """The user is not registered in the store."""
+
+    def __init__(self, uid: str) -> None:
+        super().__init__(uid)
+        self.uid = uid
+
+    def __str__(self) -> str:
+        return f"user {self.uid!r} not found"
+
+
+class NotMember(StoreError):
+    """The user is not a member of the conversation (e.g. setting its read cursor)."""
+
+    def __init__(self, uid: str, conv: str) -> None:
+        super().__init__(uid, conv)
+        self.uid = uid
+        self.conv = conv
+
+    def __str__(self) -> str:
+        return f"user {self.uid!r} is not a member of conversation {self.conv!r}"
+
+
 # --- backends -------------------------------------------------------------------
 
 
 class BackendError(ImkitError):
     """A bus, discovery or storage backend (memory, redis, nats) failed."""
+
+
+# --- aio ------------------------------------------------------------------------
+
+
+class ConnectionClosed(ImkitError, ConnectionError):
+    """The connection is closed; ``code`` is the ErrorCode that closed it (0: normal close)."""
+
+    def __init__(self, code: int = 0, reason: str = "") -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+    def __str__(self) -> str:
+        extra = f": {self.reason}" if self.reason else ""
+        return f"connection closed (code {self.code}){extra}"

@@ -2,7 +2,9 @@
 
 Messages are small frozen, slotted, keyword-only attrs classes (nouns, like h11's
 events). Field order is wire order: the codec encodes each message as a CBOR array
-of its fields in the order declared here, so new optional fields go at the end.
+of its fields in the order declared here. The decoder refuses arrays longer than
+the schema (unvalidated data is never accepted), so a new optional field goes at
+the end *and* bumps the header's version byte.
 
 Which side may send which frame lives in one table, :data:`SENDERS`.
 """

@@ -1,0 +1,501 @@
+"""The all-in-one launcher: ipconf, gateways and logic in one process, nothing to install.
+
+What it does
+    ``python -m examples.cluster`` (from the repository root) starts:
+
+    * **ipconf** on port 7700: ``GET /gateways?uid=alice`` ranks the gateways;
+      ``GET /dev/token?uid=alice&device=cli`` hands out development login tokens;
+      ``POST /admin`` runs registry commands (see :func:`admin`);
+    * ``--gateways N`` **gateways**, gateway *i* with TCP on 7710+i and its web page
+      plus WebSocket on 7780+i;
+    * one **logic** server, the **route table**, the in-memory **bus** and
+      **discovery** registry, and the **store**: in memory by default, SQLite in
+      ``--data-dir DIR`` (messages and users then survive a restart);
+
+    seeds demo users (alice, bob, carol, dave, erin), a small group ``team`` and a
+    200-member group ``lobby``, prints where to connect and how to chat, and runs
+    until Ctrl-C. ``python -m examples.cluster admin create-user zoe`` (and
+    ``create-group``, ``join``, ``leave``, ``members``, ``conversations``,
+    ``inbox``) manages users and groups of a running cluster.
+
+    Tests and scripts start the same system in-process with
+    ``cluster = await start_cluster(ClusterConfig(...))`` (ephemeral ports by
+    default) and ``await cluster.stop()``; ``--ready-file PATH`` (and the
+    ``imkit-cluster ready {...}`` line on stdout) tell a script when it is up.
+
+Policies
+    One process, one event loop; every limit is the blocks' documented default
+    unless a ``ClusterConfig`` field overrides it. Login tokens are signed with a
+    random secret per run (``--secret`` or ``IMKIT_SECRET`` to fix it), valid for
+    an hour. The development endpoints answer only the local machine.
+
+What it leaves out
+    Several processes or machines (the same classes over Redis and NATS backends),
+    TLS, real user accounts, and process supervision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from examples.auth import DEFAULT_TOKEN_TTL_S, Authenticator, new_secret
+from examples.gateway import Gateway, GatewayConfig
+from examples.ipconf import IpConf
+from examples.logic import BusPayload, Logic, LogicConfig
+from examples.routes import RouteService
+from imkit.aio import MemoryBus, MemoryRegistry
+from imkit.discovery import DEFAULT_TTL_MS
+from imkit.errors import ConfigError
+from imkit.policy import HeartbeatPolicy
+from imkit.routetable import DEFAULT_GRACE_MS
+from imkit.session import ServerConfig
+from imkit.store import MessageStore, open_store
+
+__all__ = [
+    "DEFAULT_LOBBY_SIZE",
+    "DEFAULT_PORT_BASE",
+    "DEMO_USERS",
+    "Cluster",
+    "ClusterConfig",
+    "admin",
+    "main",
+    "seed_demo",
+    "start_cluster",
+]
+
+logger = logging.getLogger("examples.cluster")
+
+#: ipconf listens here; gateway i on PORT_BASE + 10 + i (TCP) and + 80 + i (web).
+DEFAULT_PORT_BASE = 7700
+#: Members of the demo group ``lobby``: large enough to take the read fan-out path
+#: (above ``LogicConfig.write_fanout_max``), small enough to seed in a blink.
+DEFAULT_LOBBY_SIZE = 200
+#: Named demo users; ``lobby`` is filled up with user001, user002, ...
+DEMO_USERS = ("alice", "bob", "carol", "dave", "erin")
+
+
+@attrs.frozen(kw_only=True)
+class ClusterConfig:
+    """Everything :func:`start_cluster` needs. Ports 0 are ephemeral (the default)."""
+
+    gateways: int = 1
+    host: str = "127.0.0.1"
+    public_host: str | None = None  # advertised to clients; default: host
+    ipconf_port: int = 0
+    tcp_port_base: int = 0  # gateway i listens on tcp_port_base + i (0: ephemeral)
+    web_port_base: int = 0  # gateway i serves its web page on web_port_base + i
+    web: bool = True
+    data_dir: str | None = None  # None: memory store; else SQLite in this directory
+    secret: bytes | None = None  # token signing key; None: random
+    token_ttl_s: int = DEFAULT_TOKEN_TTL_S
+    dev: bool = True  # /dev/token and /admin for the local machine
+    demo: bool = False  # seed the demo users and groups
+    lobby_size: int = DEFAULT_LOBBY_SIZE
+    grace_ms: int = DEFAULT_GRACE_MS
+    discovery_ttl_ms: int = DEFAULT_TTL_MS
+    gateway: GatewayConfig = attrs.field(factory=GatewayConfig)
+    logic: LogicConfig = attrs.field(factory=LogicConfig)
+
+    def __attrs_post_init__(self) -> None:
+        if not 1 <= self.gateways <= 64:
+            raise ConfigError("gateways must be 1-64")
+
+
+class Cluster:
+    """A running reference system: every component, its ports, and :meth:`stop`."""
+
+    def __init__(
+        self,
+        *,
+        config: ClusterConfig,
+        store: MessageStore,
+        routes: RouteService,
+        bus: MemoryBus[BusPayload],
+        registry: MemoryRegistry,
+        logic: Logic,
+        auth: Authenticator,
+        secret: bytes,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.routes = routes
+        self.bus = bus
+        self.registry = registry
+        self.logic = logic
+        self.auth = auth
+        self.secret = secret
+        self.gateways: list[Gateway] = []
+        self.ipconf: IpConf | None = None
+        self.ipconf_port = 0
+        self._stopped = False
+
+    @property
+    def public_host(self) -> str:
+        """The host clients are told to connect to."""
+        return self.config.public_host or self.config.host
+
+    @property
+    def ipconf_url(self) -> str:
+        """Base URL of ipconf, e.g. ``http://127.0.0.1:7700``."""
+        return f"http://{self.public_host}:{self.ipconf_port}"
+
+    def endpoints(self) -> list[str]:
+        """``host:port`` of every gateway's TCP listener, in gateway order."""
+        return [g.tcp_endpoint.removeprefix("tcp://") for g in self.gateways]
+
+    def token(self, uid: str, device: str) -> str:
+        """A login token for ``uid`` on ``device`` (tests and tools)."""
+        return self.auth.issue(uid, device)
+
+    def describe(self) -> dict[str, Any]:
+        """Where everything listens (what the ready line and ready file hold)."""
+        return {
+            "ipconf": self.ipconf_url,
+            "gateways": [
+                {"id": g.id, "tcp": g.tcp_endpoint, "ws": g.ws_endpoint, "web": g.web_url}
+                for g in self.gateways
+            ],
+            "store": self.config.data_dir or "memory",
+            "pid": os.getpid(),
+        }
+
+    async def stop(self) -> None:
+        """Stop everything (clients are kicked with SHUTDOWN). Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for gateway in self.gateways:
+            await gateway.stop()
+        if self.ipconf is not None:
+            await self.ipconf.stop()
+        self.logic.close()
+        self.routes.close()
+        await self.bus.close()
+        self.store.close()
+
+
+async def start_cluster(config: ClusterConfig | None = None) -> Cluster:
+    """Start ipconf, the gateways and logic in this event loop; return the handles."""
+    cfg = config or ClusterConfig()
+    store = open_store(cfg.data_dir)
+    if cfg.demo:
+        seed_demo(store, lobby_size=cfg.lobby_size)
+    routes = RouteService(grace_ms=cfg.grace_ms)
+    bus: MemoryBus[BusPayload] = MemoryBus()
+    registry = MemoryRegistry(ttl_ms=cfg.discovery_ttl_ms)
+    logic = Logic(store=store, routes=routes, bus=bus, config=cfg.logic)
+    secret = cfg.secret or new_secret()
+    auth = Authenticator(secret, ttl_s=cfg.token_ttl_s)
+    cluster = Cluster(
+        config=cfg,
+        store=store,
+        routes=routes,
+        bus=bus,
+        registry=registry,
+        logic=logic,
+        auth=auth,
+        secret=secret,
+    )
+    gateway_cfg = attrs.evolve(cfg.gateway, dev_tokens=cfg.dev)
+    try:
+        for i in range(cfg.gateways):
+            gateway = Gateway(
+                f"gw-{i + 1}",
+                logic=logic,
+                routes=routes,
+                bus=bus,
+                registry=registry,
+                auth=auth,
+                config=gateway_cfg,
+            )
+            cluster.gateways.append(gateway)
+            await gateway.start(
+                cfg.host,
+                cfg.tcp_port_base + i if cfg.tcp_port_base else 0,
+                (cfg.web_port_base + i if cfg.web_port_base else 0) if cfg.web else None,
+                public_host=cfg.public_host,
+            )
+        ipconf = IpConf(
+            registry=registry,
+            auth=auth,
+            logic=logic,
+            admin=lambda op, args: admin(store, op, args),
+            dev=cfg.dev,
+        )
+        cluster.ipconf = ipconf
+        cluster.ipconf_port = await ipconf.start(cfg.host, cfg.ipconf_port)
+    except BaseException:
+        await cluster.stop()
+        raise
+    return cluster
+
+
+# --- users and groups -------------------------------------------------------------------
+
+
+def seed_demo(store: MessageStore, *, lobby_size: int = DEFAULT_LOBBY_SIZE) -> None:
+    """Create the demo users, ``team`` (alice, bob, carol) and ``lobby``. Idempotent."""
+    for uid in DEMO_USERS:
+        store.create_user(uid)
+    lobby = list(DEMO_USERS)
+    n = 1
+    while len(lobby) < lobby_size:
+        uid = f"user{n:03d}"
+        store.create_user(uid)
+        lobby.append(uid)
+        n += 1
+    store.create_group("team", ["alice", "bob", "carol"])
+    if not store.create_group("lobby", lobby):
+        for uid in lobby:  # an older data directory: make sure everyone is in
+            if not store.is_member(uid, "lobby"):
+                store.join(uid, "lobby")
+
+
+ADMIN_HELP = """\
+create-user UID...            register users
+create-group CONV [UID...]    create a group with these members
+join CONV UID...              add users to a group
+leave CONV UID...             remove users from a group
+members CONV                  list the members of a conversation
+conversations UID             list the conversations of a user
+inbox UID                     the last entries of a user's inbox (write fan-out)"""
+
+
+def admin(store: MessageStore, op: str, args: list[str]) -> Any:
+    """Run one registry command on ``store`` (see ``ADMIN_HELP``); the result is JSON-able.
+
+    Raises ValueError for an unknown command or missing arguments, and the store's
+    own errors (UserNotFound, ConfigError, ...) for bad ones.
+    """
+    if op == "create-user" and args:
+        return {uid: store.create_user(uid) for uid in args}
+    if op == "create-group" and args:
+        return {"created": store.create_group(args[0], args[1:])}
+    if op == "join" and len(args) >= 2:
+        return {uid: store.join(uid, args[0]) for uid in args[1:]}
+    if op == "leave" and len(args) >= 2:
+        return {uid: store.leave(uid, args[0]) for uid in args[1:]}
+    if op == "members" and len(args) == 1:
+        return sorted(store.members(args[0]))
+    if op == "conversations" and len(args) == 1:
+        return sorted(store.conversations_of(args[0]))
+    if op == "inbox" and len(args) == 1:
+        page = store.inbox_read(args[0], 0, 1000)
+        return [[e.conv, e.seq] for e in page.entries[-50:]]
+    raise ValueError(f"unknown command or missing arguments: {op} {' '.join(args)}")
+
+
+# --- command line -----------------------------------------------------------------------
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m examples.cluster",
+        description="Run the imkit reference IM system (ipconf + gateways + logic) in one process.",
+        epilog="Manage users and groups: python -m examples.cluster admin --help",
+    )
+    p.add_argument("--gateways", type=int, default=1, help="number of gateways (default 1)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--public-host", default=None, help="address told to clients (default: --host)")
+    p.add_argument(
+        "--port-base",
+        type=int,
+        default=DEFAULT_PORT_BASE,
+        help="ipconf on this port, gateway i on +10+i (TCP) and +80+i (web); 0: ephemeral",
+    )
+    p.add_argument("--data-dir", default=None, help="keep messages in SQLite in this directory")
+    p.add_argument("--secret", default=os.environ.get("IMKIT_SECRET"), help="token key (hex)")
+    p.add_argument("--no-demo", action="store_true", help="do not create the demo users/groups")
+    p.add_argument("--lobby-size", type=int, default=DEFAULT_LOBBY_SIZE)
+    p.add_argument("--no-web", action="store_true", help="no web page / WebSocket")
+    p.add_argument("--no-dev", action="store_true", help="disable /dev/token and /admin")
+    p.add_argument("--heartbeat-ms", type=int, default=None, help="client heartbeat interval")
+    p.add_argument("--grace-ms", type=int, default=DEFAULT_GRACE_MS, help="route grace period")
+    p.add_argument("--ready-file", default=None, help="write where things listen (JSON) here")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the ready line")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ClusterConfig:
+    """The :class:`ClusterConfig` a command line asks for."""
+    server = ServerConfig()
+    if args.heartbeat_ms:
+        server = attrs.evolve(server, heartbeat=HeartbeatPolicy(interval_ms=args.heartbeat_ms))
+    base = args.port_base
+    try:
+        secret = bytes.fromhex(args.secret) if args.secret else None
+    except ValueError:
+        secret = b""
+    if secret is not None and len(secret) < 16:
+        raise SystemExit("--secret / IMKIT_SECRET must be at least 32 hex digits (16 bytes)")
+    return ClusterConfig(
+        gateways=args.gateways,
+        host=args.host,
+        public_host=args.public_host,
+        ipconf_port=base,
+        tcp_port_base=base + 10 if base else 0,
+        web_port_base=base + 80 if base else 0,
+        web=not args.no_web,
+        data_dir=args.data_dir,
+        secret=secret,
+        dev=not args.no_dev,
+        demo=not args.no_demo,
+        lobby_size=args.lobby_size,
+        grace_ms=args.grace_ms,
+        gateway=GatewayConfig(server=server),
+    )
+
+
+def _banner(cluster: Cluster) -> str:
+    cfg = cluster.config
+    lines = [
+        "imkit reference IM system is up "
+        + (
+            f"(SQLite store in {cfg.data_dir})"
+            if cfg.data_dir
+            else "(memory store: nothing is kept; --data-dir DIR keeps it)"
+        ),
+        f"  ipconf    {cluster.ipconf_url}/gateways?uid=alice",
+    ]
+    for g in cluster.gateways:
+        web = f"   web {g.web_url}" if g.web_url else ""
+        lines.append(f"  gateway   {g.id}  {g.tcp_endpoint}{web}")
+    if cfg.demo:
+        lines.append(
+            f"  users     {' '.join(DEMO_USERS)}; groups 'team' (alice bob carol), "
+            f"'lobby' ({cfg.lobby_size} members)"
+        )
+    if cfg.dev:
+        lines.append(f"  tokens    {cluster.ipconf_url}/dev/token?uid=alice&device=cli")
+        lines.append(f"  secret    {cluster.secret.hex()}")
+    default = cluster.ipconf_port == DEFAULT_PORT_BASE
+    ipconf_flag = "" if default else f" --ipconf {cluster.ipconf_url}"
+    lines += [
+        "",
+        "Chat in two terminals:",
+        f"  python -m examples.chat --user alice --to bob{ipconf_flag}",
+        f"  python -m examples.chat --user bob --to alice{ipconf_flag}",
+        "Group chat: --group lobby (read fan-out) or --group team (write fan-out).",
+    ]
+    if cluster.gateways and cluster.gateways[0].web_url:
+        lines.append(f"In a browser: {cluster.gateways[0].web_url}?user=alice&to=bob")
+    lines += [
+        "Add users:  python -m examples.cluster admin create-user zoe"
+        + ("" if default else f" --url {cluster.ipconf_url}"),
+        "Ctrl-C stops.",
+    ]
+    return "\n".join(lines)
+
+
+async def _run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    try:
+        cluster = await start_cluster(cfg)
+    except OSError as exc:
+        print(f"cannot start: {exc} (another cluster running? try --port-base 0)", file=sys.stderr)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    info = cluster.describe()
+    if not args.quiet:
+        print(_banner(cluster), flush=True)
+    if args.ready_file:
+        path = Path(args.ready_file)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(info))
+        tmp.replace(path)
+    print("imkit-cluster ready " + json.dumps(info), flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await cluster.stop()
+        if args.ready_file:
+            with contextlib.suppress(OSError):
+                Path(args.ready_file).unlink()
+    return 0
+
+
+def _admin_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m examples.cluster admin",
+        description="Manage users and groups of a running cluster (or of a --data-dir).",
+        epilog=ADMIN_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--url", default=f"http://127.0.0.1:{DEFAULT_PORT_BASE}", help="ipconf URL")
+    p.add_argument("--data-dir", default=None, help="edit this SQLite store directly (offline)")
+    p.add_argument("op")
+    p.add_argument("args", nargs="*")
+    args = p.parse_args(argv)
+    if args.data_dir:
+        store = open_store(args.data_dir)
+        try:
+            result = admin(store, args.op, args.args)
+        except (ValueError, KeyError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            store.close()
+        print(json.dumps(result))
+        return 0
+    body = json.dumps({"op": args.op, "args": args.args}).encode()
+    request = urllib.request.Request(
+        args.url.rstrip("/") + "/admin",
+        data=body,
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            doc = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        doc = json.loads(exc.read() or b"{}")
+    except OSError as exc:
+        print(f"cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    if not doc.get("ok"):
+        print(f"error: {doc.get('error')}", file=sys.stderr)
+        return 2
+    print(json.dumps(doc["result"]))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m examples.cluster`` (and the ``imkit-cluster`` script)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "admin":
+        return _admin_main(argv[1:])
+    if argv and argv[0] == "run":
+        argv = argv[1:]
+    args = _run_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    from imkit.aio import run
+
+    try:
+        return run(_run(args))
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,552 @@
+"""The gateway (接入层): long connections in, the bus out, sessions in between.
+
+What it does
+    * Accepts TCP long connections (:func:`imkit.aio.serve`, a
+      :class:`~imkit.aio.FramedConnection` each) and, on its web port, serves the
+      static chat page and WebSocket connections for browsers
+      (:class:`~examples.websocket.WsLink`: one imkit frame per binary message).
+    * Runs one :class:`~imkit.session.ServerSession` per connection: it checks the
+      login token (:class:`~examples.auth.Authenticator`), fixes the identity of
+      every later frame, drops resent cids (its ``CidWindow``), enforces the
+      per-connection quotas, tracks pushes until acked, and cuts silent
+      connections. All sessions share one :class:`~imkit.timingwheel.TimingWheel`
+      driven by a :class:`~imkit.aio.WheelDriver` (one asyncio timer for every
+      heartbeat and push-retry deadline of the gateway).
+    * Forwards sends, syncs and receipts to the logic server (in-process calls)
+      and answers the client with its results.
+    * Subscribes to its own id on the bus and pushes what the logic server
+      publishes to the connections named in each envelope.
+    * Keeps the route table current: bind on login (kicking a connection it
+      replaces, wherever it is), a fenced unbind on disconnect, then a grace
+      period during which a reconnect of the same device resumes the session.
+    * Registers in discovery with its endpoints and reports its load
+      (connections, process CPU) every ``report_interval_ms``.
+
+Policies
+    Heartbeats 30 s x 3 missed (``ServerConfig``); a connection that says nothing
+    is cut at the login deadline (10 s); a slow reader is cut at
+    ``max_write_buffer`` bytes queued or ``max_tracked_pushes`` unacked pushes
+    and resyncs when it comes back; at most ``max_connections`` clients (others
+    get ``Kick(SERVER_BUSY, retry_after_ms)``); on shutdown every client gets
+    ``Kick(SHUTDOWN, retry_after_ms)`` so they reconnect elsewhere, spread out.
+    If its bus subscription lags, it tells every client to resync.
+
+What it leaves out
+    TLS, hot restart by file-descriptor handoff, a per-IP connection rate limit,
+    and an RPC to a remote logic server (here logic is an in-process object).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Protocol
+
+import attrs
+
+from examples.auth import Authenticator
+from examples.httpd import (
+    HttpServer,
+    Request,
+    Response,
+    is_loopback,
+    json_response,
+    serve_http,
+)
+from examples.logic import BusPayload, Deliver, KickRoute, Logic, Signals
+from examples.routes import RouteService
+from imkit.aio import (
+    DEFAULT_FRAME_TIMEOUT_MS,
+    DEFAULT_HANDSHAKE_TIMEOUT_MS,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_WRITE_BUFFER,
+    FramedConnection,
+    MemoryBus,
+    MemorySubscription,
+    Server,
+    WheelDriver,
+    loop_ms,
+    serve,
+)
+from imkit.bus import Envelope, Lagged
+from imkit.discovery import GatewayInfo, Registry
+from imkit.errors import AuthError, CapacityError, ConnectionClosed, ImkitError
+from imkit.protocol import ErrorCode, Message, Notify, PushAck
+from imkit.routetable import BindResult, Route, UnbindResult
+from imkit.session import (
+    CloseConnection,
+    Output,
+    ReceiptPosted,
+    SendRequested,
+    ServerConfig,
+    ServerSession,
+    ServerStats,
+    ServerTimer,
+    SessionEvent,
+    SessionStarted,
+    SyncRequested,
+)
+from imkit.store import ConvKind
+from imkit.timingwheel import TimingWheel
+
+__all__ = [
+    "DEFAULT_BUS_PENDING",
+    "DEFAULT_REPORT_INTERVAL_MS",
+    "WEB_ROOT",
+    "Gateway",
+    "GatewayConfig",
+]
+
+logger = logging.getLogger("examples.gateway")
+
+#: Load reports to discovery: a third of discovery's 15 s TTL, so one lost report
+#: does not make a healthy gateway vanish.
+DEFAULT_REPORT_INTERVAL_MS = 5_000
+#: Envelopes queued for this gateway on the bus before it counts as lagging (then
+#: its clients are told to resync): the bus default, ~100 ms of a busy gateway.
+DEFAULT_BUS_PENDING = 1024
+#: Busy-retry hint for a login the route table refuses (a full table): as long as
+#: a server-busy kick from :func:`imkit.aio.serve`.
+_BUSY_RETRY_MS = 5_000
+
+#: The static files of the web chat page.
+WEB_ROOT = Path(__file__).parent / "web"
+_STATIC = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/index.html": ("index.html", "text/html; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/cbor.js": ("cbor.js", "text/javascript; charset=utf-8"),
+}
+
+
+@attrs.frozen(kw_only=True)
+class GatewayConfig:
+    """The gateway's limits (each documented on its DEFAULT_* constant)."""
+
+    server: ServerConfig = attrs.field(factory=ServerConfig)
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER
+    frame_timeout_ms: int = DEFAULT_FRAME_TIMEOUT_MS
+    handshake_timeout_ms: int = DEFAULT_HANDSHAKE_TIMEOUT_MS
+    report_interval_ms: int = DEFAULT_REPORT_INTERVAL_MS
+    bus_pending: int = DEFAULT_BUS_PENDING
+    region: str = ""
+    dev_tokens: bool = True  # serve /dev/token (development only)
+
+
+class Link(Protocol):
+    """What the gateway needs from a client connection (TCP or WebSocket)."""
+
+    @property
+    def closed(self) -> bool:
+        """True once closing has begun."""
+        ...
+
+    close_code: int
+
+    def send(self, message: Message) -> None:
+        """Encode and queue one message (ConnectionClosed once closed)."""
+        ...
+
+    def close(
+        self, last: Message | None = None, *, code: int | None = None, reason: str = ""
+    ) -> None:
+        """Send ``last`` if given, then close."""
+        ...
+
+    def established(self) -> None:
+        """The login succeeded."""
+        ...
+
+
+class _Conn:
+    """One client connection on this gateway."""
+
+    __slots__ = ("conn_id", "link", "route", "session")
+
+    def __init__(self, conn_id: int, link: Link) -> None:
+        self.conn_id = conn_id
+        self.link = link
+        self.session: ServerSession | None = None
+        self.route: Route | None = None
+
+
+class Gateway:
+    """One gateway of the reference system. ``start()`` listens; ``stop()`` drains.
+
+    Per frame: the session's O(1) plus, for a send, the logic server's work. Per
+    bus envelope: O(targets) session pushes. Create it inside a running loop.
+    """
+
+    def __init__(
+        self,
+        gateway_id: str,
+        *,
+        logic: Logic,
+        routes: RouteService,
+        bus: MemoryBus[BusPayload],
+        registry: Registry,
+        auth: Authenticator,
+        config: GatewayConfig | None = None,
+    ) -> None:
+        self.id = gateway_id
+        self.logic = logic
+        self.routes = routes
+        self.bus = bus
+        self.registry = registry
+        self.auth = auth
+        self.config = config or GatewayConfig()
+        self.stats = ServerStats()  # shared by every session of this gateway
+        self.driver: WheelDriver[ServerTimer] = WheelDriver(
+            self._on_timer, wheel=TimingWheel(start_ms=loop_ms())
+        )
+        self.conns: dict[int, _Conn] = {}
+        self.closes: collections.Counter[int] = collections.Counter()  # close code -> count
+        self.lagged = 0
+        self._ids = itertools.count(1)
+        # (uid, device) -> the closed session kept for a resume during the route's grace
+        self._parked: dict[tuple[str, str], tuple[int, ServerSession]] = {}
+        self.server: Server | None = None
+        self.web: HttpServer | None = None
+        self._sub: MemorySubscription[BusPayload] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.tcp_endpoint = ""
+        self.ws_endpoint = ""
+        self.web_url = ""
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(
+        self, host: str, tcp_port: int, web_port: int | None, *, public_host: str | None = None
+    ) -> None:
+        """Listen (TCP, and HTTP + WebSocket unless ``web_port`` is None), subscribe, register."""
+        cfg = self.config
+        self.server = await serve(
+            self._serve_tcp,
+            host,
+            tcp_port,
+            max_connections=cfg.max_connections,
+            max_write_buffer=cfg.max_write_buffer,
+            frame_timeout_ms=cfg.frame_timeout_ms,
+            handshake_timeout_ms=cfg.handshake_timeout_ms,
+        )
+        public = public_host or host
+        self.tcp_endpoint = f"tcp://{public}:{self.server.port}"
+        endpoints = [self.tcp_endpoint]
+        if web_port is not None:
+            self.web = await serve_http(self._http, host, web_port, upgrade=self._upgrade)
+            self.ws_endpoint = f"ws://{public}:{self.web.port}/ws"
+            self.web_url = f"http://{public}:{self.web.port}/"
+            endpoints.append(self.ws_endpoint)
+        self._sub = self.bus.subscribe_nowait(self.id, max_pending=cfg.bus_pending)
+        self.routes.on_expire.append(self._route_expired)
+        self.routes.on_bind.append(self._route_bound)
+        self._info = GatewayInfo(
+            id=self.id,
+            endpoints=tuple(endpoints),
+            region=cfg.region,
+            max_connections=cfg.max_connections,
+        )
+        await self.registry.register(self._info)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._consume()), loop.create_task(self._report())]
+
+    async def stop(self) -> None:
+        """Deregister, kick every client with SHUTDOWN, stop listening. Idempotent."""
+        with contextlib.suppress(ImkitError):
+            await self.registry.deregister(self.id)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for conn in list(self.conns.values()):  # WebSocket links (TCP ones: server.close)
+            if not isinstance(conn.link, FramedConnection) and conn.session is not None:
+                self._emit(conn, conn.session.kick(ErrorCode.SHUTDOWN, retry_after_ms=1000))
+        if self.server is not None:
+            await self.server.close(kick=True)
+        if self.web is not None:
+            await self.web.close()
+        if self._sub is not None:
+            self._sub.close_nowait()
+        with contextlib.suppress(ValueError):
+            self.routes.on_expire.remove(self._route_expired)
+        with contextlib.suppress(ValueError):
+            self.routes.on_bind.remove(self._route_bound)
+        self.driver.close()
+
+    @property
+    def connections(self) -> int:
+        """Client connections open now (TCP and WebSocket)."""
+        return len(self.conns)
+
+    # -- connections ---------------------------------------------------------------------------
+
+    async def _serve_tcp(self, conn: FramedConnection) -> None:
+        await self._serve(conn, conn.__aiter__())
+
+    async def _serve(self, link: Link, messages: AsyncIterator[Message]) -> None:
+        """Run one connection: frames -> session -> outputs, until it closes."""
+        conn_id = next(self._ids)
+        conn = _Conn(conn_id, link)
+        session = ServerSession(
+            wheel=self.driver.wheel,
+            authenticate=self._authenticate,
+            session_id=f"{self.id}.{conn_id}",
+            now_ms=self.driver.now_ms(),
+            config=self.config.server,
+            stats=self.stats,
+            resume=self._resume,
+            tag=conn,
+        )
+        conn.session = session
+        self.conns[conn_id] = conn
+        self.driver.rearm()
+        try:
+            async for message in messages:
+                outputs = session.receive(message, self.driver.now_ms())
+                if type(message) is PushAck and message.cumulative and session.uid:
+                    self.logic.note_cursor(session.uid, session.device, message.conv, message.seq)
+                await self._act(conn, outputs)
+                if link.closed:
+                    break
+        finally:
+            del self.conns[conn_id]
+            session.connection_lost(self.driver.now_ms())
+            self.driver.rearm()
+            self.closes[link.close_code] += 1
+            route = conn.route
+            if route is not None and self.routes.unbind(route) is UnbindResult.GRACE:
+                self._parked[route.uid, route.device] = (conn_id, session)
+
+    def _authenticate(self, token: str, device: str) -> str:
+        uid = self.auth.verify(token, device)
+        if not self.logic.store.has_user(uid):
+            raise AuthError("unknown user")
+        return uid
+
+    def _resume(self, uid: str, device: str, resume_id: str) -> ServerSession | None:
+        parked = self._parked.get((uid, device))
+        if parked is not None and parked[1].session_id == resume_id:
+            return parked[1]
+        return None
+
+    def _route_expired(self, route: Route) -> None:
+        if route.gateway != self.id:
+            return
+        parked = self._parked.get((route.uid, route.device))
+        if parked is not None and parked[0] == route.conn_id:
+            del self._parked[route.uid, route.device]
+
+    def _route_bound(self, route: Route) -> None:
+        if route.gateway != self.id:  # the device came back elsewhere: nothing to resume here
+            self._parked.pop((route.uid, route.device), None)
+
+    async def _act(self, conn: _Conn, outputs: list[Output]) -> None:
+        """Act on a session's outputs in order; forward requests to the logic server."""
+        session = conn.session
+        assert session is not None
+        for out in outputs:
+            if isinstance(out, SendRequested):
+                result = await self.logic.send(out.uid, out.device, out.cid, out.conv, out.body)
+                if isinstance(result, int):
+                    self._emit(conn, session.fail_send(out.cid, result))
+                else:
+                    acked = session.ack_send(out.cid, result.seq, result.msg_id, result.server_ms)
+                    self._emit(conn, acked)
+            elif isinstance(out, SyncRequested):
+                pages = await self.logic.sync(out.uid, out.device, out.after, out.limit)
+                self._emit(conn, session.sync_response(out.req_id, pages))
+            elif isinstance(out, ReceiptPosted):
+                r = out.receipt
+                await self.logic.receipt(r.reader, r.conv, r.seq)
+            elif isinstance(out, SessionStarted):
+                self._login(conn, out)
+            else:
+                self._emit(conn, [out])
+        self.driver.rearm()
+
+    def _emit(self, conn: _Conn, outputs: list[Output]) -> None:
+        """Write frames; close on CloseConnection. (No logic calls: safe from timers.)"""
+        link = conn.link
+        for out in outputs:
+            if not isinstance(out, SessionEvent):
+                if not link.closed:
+                    with contextlib.suppress(ConnectionClosed):
+                        link.send(out)
+            elif isinstance(out, CloseConnection):
+                link.close(code=out.code, reason=out.reason)
+
+    def _login(self, conn: _Conn, started: SessionStarted) -> None:
+        """Bind the route (fenced by a fresh epoch); kick the connection it replaces."""
+        session = conn.session
+        assert session is not None
+        route = Route(
+            uid=started.uid,
+            device=started.device,
+            gateway=self.id,
+            conn_id=conn.conn_id,
+            epoch=self.routes.new_epoch(),
+        )
+        before = self.routes.get(started.uid, started.device)
+        try:
+            result = self.routes.bind(route)
+        except CapacityError:
+            kick = session.kick(ErrorCode.SERVER_BUSY, reason="busy", retry_after_ms=_BUSY_RETRY_MS)
+            self._emit(conn, kick)
+            return
+        if result is BindResult.STALE:  # cannot happen with increasing epochs; be safe
+            self._emit(conn, session.kick(ErrorCode.REPLACED, reason="replaced"))
+            return
+        if result is BindResult.REPLACED and before is not None:
+            old = before.route
+            if old.gateway == self.id:
+                self._kick_local(old, ErrorCode.REPLACED, "replaced")
+            else:
+                self.logic.kick_route(old, ErrorCode.REPLACED, "replaced")
+        self._parked.pop((started.uid, started.device), None)
+        conn.route = route
+        conn.link.established()
+
+    def _kick_local(self, route: Route, code: int, reason: str) -> None:
+        conn = self.conns.get(route.conn_id)
+        if conn is not None and conn.route == route and conn.session is not None:
+            self._emit(conn, conn.session.kick(code, reason=reason))
+
+    def _on_timer(self, item: ServerTimer) -> None:
+        session = item.session
+        self._emit(session.tag, session.on_timer(item, self.driver.now_ms()))
+
+    # -- the bus -------------------------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        """Push what the logic server publishes for this gateway's connections."""
+        assert self._sub is not None
+        async for item in self._sub:
+            try:
+                if isinstance(item, Lagged):
+                    self._resync_all()
+                elif isinstance(item, Envelope):
+                    self._deliver(item.payload)
+            except Exception:
+                logger.exception("gateway %s failed to deliver an envelope", self.id)
+            self.driver.rearm()
+
+    def _deliver(self, payload: BusPayload) -> None:
+        conns = self.conns
+        now = self.driver.now_ms()
+        if isinstance(payload, Deliver):
+            pushes = payload.pushes
+            batch = pushes[0] if len(pushes) == 1 else pushes
+            for route in payload.targets:
+                conn = conns.get(route.conn_id)
+                if conn is None or conn.route != route or conn.session is None:
+                    continue  # gone: the client syncs when it comes back
+                if pushes:
+                    self._emit(conn, conn.session.push(batch, now))
+                if payload.frames:
+                    self._emit(conn, list(payload.frames))
+            if payload.ticket is not None:
+                payload.ticket.finish()
+        elif isinstance(payload, Signals):
+            for route, notify in payload.items:
+                conn = conns.get(route.conn_id)
+                if conn is not None and conn.route == route:
+                    self._emit(conn, [notify])
+        elif isinstance(payload, KickRoute):
+            self._kick_local(payload.route, payload.code, payload.reason)
+
+    def _resync_all(self) -> None:
+        """Envelopes were lost: tell every client what exists, so it syncs the rest."""
+        self.lagged += 1
+        for conn in list(self.conns.values()):
+            session = conn.session
+            if session is None or not session.uid:
+                continue
+            entries = self.logic.resync_entries(session.uid)
+            for i in range(0, len(entries), 1000):
+                self._emit(conn, [Notify(entries=tuple(entries[i : i + 1000]))])
+
+    async def _report(self) -> None:
+        """Heartbeat discovery with the load: connections and this process's CPU share."""
+        interval = self.config.report_interval_ms / 1000
+        last_cpu, last_wall = time.process_time(), time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            cpu_now, wall_now = time.process_time(), time.monotonic()
+            cpu = min(1.0, max(0.0, (cpu_now - last_cpu) / max(wall_now - last_wall, 1e-6)))
+            last_cpu, last_wall = cpu_now, wall_now
+            try:
+                alive = await self.registry.heartbeat(
+                    self.id, connections=self.connections, cpu=cpu
+                )
+                if not alive:
+                    await self.registry.register(
+                        attrs.evolve(self._info, connections=self.connections, cpu=cpu)
+                    )
+            except ImkitError:
+                logger.warning("gateway %s could not report its load", self.id)
+
+    # -- web: the static page, a dev token, the WebSocket ----------------------------------------
+
+    async def _http(self, request: Request) -> Response:
+        if request.path in _STATIC:
+            name, content_type = _STATIC[request.path]
+            try:
+                body = (WEB_ROOT / name).read_bytes()
+            except OSError:
+                return Response(status=404)
+            return Response(body=body, content_type=content_type)
+        if request.path == "/dev/token":
+            return dev_token(request, self.auth, self.logic, enabled=self.config.dev_tokens)
+        if request.path == "/healthz":
+            return json_response({"gateway": self.id, "connections": self.connections})
+        return Response(status=404)
+
+    async def _upgrade(
+        self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        from examples.websocket import WsLink  # wsproto: the optional `ws` extra
+
+        cfg = self.config
+        if len(self.conns) >= cfg.max_connections:
+            writer.close()
+            return
+        link = WsLink(
+            reader,
+            writer,
+            max_write_buffer=cfg.max_write_buffer,
+            frame_timeout_ms=cfg.frame_timeout_ms,
+        )
+        if await link.accept(request):
+            await self._serve(link, link.messages())
+            if not link.closed:
+                link.close()
+
+
+def dev_token(request: Request, auth: Authenticator, logic: Logic, *, enabled: bool) -> Response:
+    """``GET /dev/token?uid=U&device=D``: a token for a registered user. Development only.
+
+    Answers only requests from the local machine; 403 when disabled, 404 for an
+    unknown user.
+    """
+    if not enabled or not is_loopback(request.peer):
+        return json_response({"error": "dev tokens are disabled"}, 403)
+    uid = request.query.get("uid", "")
+    device = request.query.get("device", "")
+    if not uid or not device:
+        return json_response({"error": "give uid and device"}, 400)
+    if not logic.store.has_user(uid):
+        return json_response({"error": f"unknown user {uid!r}"}, 404)
+    try:
+        token = auth.issue(uid, device)
+    except ImkitError:
+        return json_response({"error": "bad uid or device"}, 400)
+    convs = sorted(logic.store.conversations_of(uid))
+    groups = [c for c in convs if logic.store.conversation(c).kind is ConvKind.GROUP]
+    return json_response({"uid": uid, "device": device, "token": token, "groups": groups})

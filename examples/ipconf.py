@@ -1,0 +1,179 @@
+"""ipconf: tells a client which gateways to connect to, best first (the seed's IPConf).
+
+What it does
+    ``GET /gateways?uid=alice`` answers JSON::
+
+        {"uid": "alice",
+         "endpoints": ["tcp://127.0.0.1:7710", "tcp://127.0.0.1:7711"],   # try in order
+         "ws": ["ws://127.0.0.1:7780/ws", ...],                             # for browsers
+         "gateways": [{"id": "gw-1", "endpoints": [...], "connections": 12,
+                       "cpu": 0.03, "load": 0.0012, "draining": false}, ...]}
+
+    The list is computed from the gateways' own reports in the discovery registry
+    (:class:`~imkit.discovery.Registry`: endpoints, connections, CPU, draining,
+    TTL expiry). The first gateway is the user's **bounded-load consistent-hash
+    placement**: :meth:`imkit.hashring.HashRing.get_bounded` over the live,
+    non-draining gateways with their reported connection counts, so a user keeps
+    landing on the same gateway (a quick reconnect finds its session to resume)
+    unless that gateway is more than ``balance`` times the average load. The rest
+    follow the registry's ranking (not draining, same region, lighter load band,
+    then a per-user rendezvous order so reconnect storms spread out).
+
+    The imkit client (:class:`imkit.aio.Client`) caches the answer, tries the
+    endpoints in order (racing two), and falls back to its cached or static list
+    when ipconf is down.
+
+    Development endpoints (``dev=True``, answered only to the local machine):
+    ``GET /dev/token?uid=&device=`` issues a login token; ``POST /admin`` with
+    ``{"op": ..., "args": [...]}`` runs a registry command (see
+    :func:`examples.cluster.admin`).
+
+Policies
+    Answers come from memory (no I/O per request); at most ``limit`` gateways are
+    listed; an empty registry answers 503 so clients use their cached list.
+
+What it leaves out
+    Geo-IP region detection (the client may pass ``region=``), weighting by
+    bandwidth or latency probes, and authentication of the request itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from examples.auth import Authenticator
+from examples.gateway import dev_token
+from examples.httpd import (
+    HttpServer,
+    Request,
+    Response,
+    is_loopback,
+    json_response,
+    serve_http,
+)
+from examples.logic import Logic
+from imkit.discovery import GatewayInfo, Registry
+from imkit.errors import ImkitError
+from imkit.hashring import DEFAULT_BALANCE, HashRing
+
+__all__ = ["DEFAULT_RANK_LIMIT", "IpConf"]
+
+logger = logging.getLogger("examples.ipconf")
+
+#: Gateways listed per answer: a client races two and rarely needs a fourth; 8
+#: keeps the answer small while surviving several dead gateways.
+DEFAULT_RANK_LIMIT = 8
+
+AdminFn = Callable[[str, list[str]], Any]
+
+
+class IpConf:
+    """The ipconf HTTP service. ``rank`` is O(n log n) for n live gateways."""
+
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        auth: Authenticator | None = None,
+        logic: Logic | None = None,
+        admin: AdminFn | None = None,
+        balance: float = DEFAULT_BALANCE,
+        limit: int = DEFAULT_RANK_LIMIT,
+        dev: bool = True,
+    ) -> None:
+        self.registry = registry
+        self.auth = auth
+        self.logic = logic
+        self.admin = admin
+        self.balance = balance
+        self.limit = limit
+        self.dev = dev
+        self._ring: HashRing | None = None
+        self._ring_nodes: frozenset[str] = frozenset()
+        self.http: HttpServer | None = None
+        self.requests = 0
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen; returns the bound port."""
+        self.http = await serve_http(self.handle, host, port)
+        return self.http.port
+
+    async def stop(self) -> None:
+        """Stop listening. Idempotent."""
+        if self.http is not None:
+            await self.http.close()
+            self.http = None
+
+    async def rank(self, uid: str, *, region: str = "") -> list[GatewayInfo]:
+        """The gateways ``uid`` should try, best first (see the module doc)."""
+        ranked = await self.registry.rank(region=region, client_key=uid, limit=None)
+        serving = [g for g in ranked if not g.draining]
+        if region and any(g.region == region for g in serving):
+            serving = [g for g in serving if g.region == region]  # home in the client's region
+        if not serving or not uid:
+            return ranked[: self.limit]
+        nodes = frozenset(g.id for g in serving)
+        if self._ring is None or nodes != self._ring_nodes:
+            ring = HashRing()
+            for node in sorted(nodes):
+                ring.add(node)
+            self._ring, self._ring_nodes = ring, nodes
+        loads = {g.id: g.connections for g in serving}
+        home = self._ring.get_bounded(uid, loads, self.balance)
+        ordered = [g for g in ranked if g.id == home] + [g for g in ranked if g.id != home]
+        return ordered[: self.limit]
+
+    async def handle(self, request: Request) -> Response:
+        """Route one HTTP request."""
+        self.requests += 1
+        path = request.path
+        if path == "/gateways" and request.method in ("GET", "HEAD"):
+            uid = request.query.get("uid", "")
+            gateways = await self.rank(uid, region=request.query.get("region", ""))
+            if not gateways:
+                return json_response({"error": "no gateway is up"}, 503)
+            return json_response(
+                {
+                    "uid": uid,
+                    "endpoints": [e for g in gateways for e in g.endpoints if e.startswith("tcp:")],
+                    "ws": [e for g in gateways for e in g.endpoints if e.startswith("ws")],
+                    "gateways": [
+                        {
+                            "id": g.id,
+                            "endpoints": list(g.endpoints),
+                            "region": g.region,
+                            "connections": g.connections,
+                            "cpu": round(g.cpu, 4),
+                            "load": round(g.load, 4),
+                            "draining": g.draining,
+                        }
+                        for g in gateways
+                    ],
+                }
+            )
+        if path == "/dev/token" and self.auth is not None and self.logic is not None:
+            return dev_token(request, self.auth, self.logic, enabled=self.dev)
+        if path == "/admin" and request.method == "POST":
+            return self._admin(request)
+        if path == "/healthz":
+            return json_response({"ok": True, "gateways": len(await self.registry.live())})
+        return Response(status=404)
+
+    def _admin(self, request: Request) -> Response:
+        if self.admin is None or not self.dev or not is_loopback(request.peer):
+            return json_response({"error": "admin is disabled"}, 403)
+        try:
+            doc = request.json()
+            op = doc["op"]
+            args = doc.get("args", [])
+            if not isinstance(op, str) or not isinstance(args, list):
+                raise TypeError
+            args = [str(a) for a in args]
+        except (ValueError, KeyError, TypeError):
+            return json_response({"error": 'body must be {"op": str, "args": [str, ...]}'}, 400)
+        try:
+            return json_response({"ok": True, "result": self.admin(op, args)})
+        except (ImkitError, ValueError, KeyError) as exc:
+            return json_response({"ok": False, "error": str(exc)}, 400)

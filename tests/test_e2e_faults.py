@@ -1,0 +1,230 @@
+"""End-to-end fault tests of the reference system: silent clients, slow readers, replaced logins.
+
+Short heartbeat and grace settings keep them fast; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from typing import Any
+
+import attrs
+import pytest
+from examples.gateway import GatewayConfig
+from examples.probe import RawClient
+
+from imkit.aio import Client
+from imkit.policy import HeartbeatPolicy
+from imkit.protocol import ErrorCode, Kick, Send
+from imkit.session import Kicked, ServerConfig, SessionEvent
+from tests.test_e2e import (
+    FAST_SERVER,
+    config,
+    make_client,
+    online,
+    run,
+    running,
+    take,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.network, pytest.mark.timeout(120)]
+
+
+class TestHeartbeat:
+    def test_a_silent_client_is_cut_and_its_route_expires_after_the_grace_period(self) -> None:
+        """Heartbeats stop: Kick(HEARTBEAT_TIMEOUT), route parked, then gone after grace."""
+        server = ServerConfig(
+            heartbeat=HeartbeatPolicy(interval_ms=100, missed=2, jitter=0.0),
+            reconnect_min_ms=10,
+            reconnect_max_ms=50,
+        )
+
+        async def main() -> tuple[int, bool, bool, bool, int]:
+            cfg = config(gateway=GatewayConfig(server=server), grace_ms=300)
+            async with running(cfg) as cluster:
+                alive = make_client(cluster, "bob")  # a client that keeps pinging
+                await online(alive)
+                host, _, port = cluster.endpoints()[0].rpartition(":")
+                raw = await RawClient.connect(host, int(port))
+                ack = await raw.login(cluster.token("alice", "silent"), "silent")
+                assert ack.heartbeat_ms == 100
+                assert cluster.routes.lookup("alice")
+                kick = await raw.expect(Kick)  # we never ping: the 200 ms deadline passes
+                await raw.wait_closed()
+                await wait_until(lambda: not cluster.routes.lookup("alice"))
+                binding = cluster.routes.get("alice", "silent")
+                parked = binding is not None and binding.disconnected_ms is not None
+                await wait_until(lambda: cluster.routes.get("alice", "silent") is None)
+                bob_online = bool(cluster.routes.lookup("bob"))
+                still = alive.state.value == "online"
+                await alive.close()
+                return kick.code, parked, bob_online, still, cluster.routes.expired
+
+        code, parked, bob_online, still, expired = run(main)
+        assert code == ErrorCode.HEARTBEAT_TIMEOUT
+        assert parked  # kept for a quick reconnect first...
+        assert expired >= 1  # ...then expired
+        assert bob_online and still  # a client that pings is never cut
+
+
+class TestSlowReader:
+    def test_a_slow_reader_is_cut_while_the_others_receive_everything(self) -> None:
+        """A member that never reads is cut (SLOW_CONSUMER); the others get all 300 messages."""
+        n_messages = 300
+        server = attrs.evolve(
+            FAST_SERVER, max_tracked_pushes=64, max_frames_per_s=10_000, frame_burst=20_000
+        )
+        gateway = GatewayConfig(server=server, max_write_buffer=64 * 1024)
+
+        async def main() -> tuple[list[list[bytes]], int, list[float], bool]:
+            async with running(config(gateway=gateway)) as cluster:
+                cluster.store.create_group("room", ["alice", "bob", "carol", "dave", "erin"])
+                readers = [make_client(cluster, uid) for uid in ("bob", "carol", "dave")]
+                sender = make_client(cluster, "alice")
+                await online(sender, *readers)
+                host, _, port = cluster.endpoints()[0].rpartition(":")
+                slow = await RawClient.connect(host, int(port), rcvbuf=4096, limit=4096)
+                await slow.login(cluster.token("erin", "slow"), "slow")
+                latencies: list[float] = []
+
+                async def read_all(client: Client) -> list[bytes]:
+                    got = await take(client, n_messages, "room")
+                    now = time.monotonic()
+                    latencies.extend(now - float(p.body.split(b"|")[1]) for p in got)
+                    return [p.body.split(b"|")[0] for p in got]
+
+                reading = [asyncio.create_task(read_all(c)) for c in readers]
+                padding = b"x" * 400  # ~0.5 KiB per message: the slow socket fills fast
+                for i in range(n_messages):
+                    body = b"%d|%f|" % (i, time.monotonic()) + padding
+                    sender.send_nowait("room", body)
+                    if i % 20 == 0:
+                        await asyncio.sleep(0)  # let the gateway interleave deliveries
+                got = await asyncio.gather(*reading)
+                await wait_until(lambda: not cluster.routes.lookup("erin"))
+                kicked = any(g.closes[ErrorCode.SLOW_CONSUMER] for g in cluster.gateways)
+                bob_online = bool(cluster.routes.lookup("bob"))
+                slow.abort()
+                for c in (sender, *readers):
+                    await c.close()
+                return got, int(kicked), latencies, bob_online
+
+        got, kicked, latencies, bob_online = run(main)
+        expected = [b"%d" % i for i in range(n_messages)]
+        for bodies in got:
+            assert bodies == expected  # every message, once, in order
+        assert kicked == 1  # the slow reader was cut as a slow consumer
+        assert bob_online
+        p99 = statistics.quantiles(latencies, n=100)[98]
+        # Reported, not asserted (no timing assertions): the others' tail latency.
+        print(f"\nothers' delivery latency p50 {statistics.median(latencies) * 1000:.1f} ms, "
+              f"p99 {p99 * 1000:.1f} ms over {len(latencies)} deliveries")
+
+
+class TestReplaced:
+    def test_a_second_login_of_the_same_device_replaces_the_first_across_gateways(self) -> None:
+        """The same user and device log in on another gateway: the first gets Kick(REPLACED)."""
+
+        async def main() -> tuple[list[int], bool, list[bytes]]:
+            async with running(config(gateways=2)) as cluster:
+                gw1, gw2 = cluster.endpoints()
+                kicks: list[int] = []
+
+                def on_event(event: SessionEvent) -> None:
+                    if isinstance(event, Kicked):
+                        kicks.append(event.code)
+
+                first = make_client(cluster, "bob", endpoints=[gw1], on_event=on_event)
+                await online(first)
+                second = make_client(cluster, "bob", endpoints=[gw2])
+                await online(second)
+                await wait_until(lambda: bool(kicks))
+                routes = cluster.routes.lookup("bob")
+                on_gw2 = len(routes) == 1 and routes[0].gateway == "gw-2"
+                alice = make_client(cluster, "alice")
+                await online(alice)
+                await alice.send("team", b"to the new connection")
+                got = await take(second, 1, "team")
+                for c in (first, second, alice):
+                    await c.close()
+                return kicks, on_gw2, [p.body for p in got]
+
+        kicks, on_gw2, got = run(main)
+        assert kicks == [ErrorCode.REPLACED]
+        assert on_gw2
+        assert got == [b"to the new connection"]
+
+
+class TestProtocolAbuse:
+    def test_garbage_and_frames_before_login_close_the_connection(self) -> None:
+        """Bytes that are not imkit, or a send before login, end the connection cleanly."""
+
+        async def main() -> tuple[bytes, list[Any], int]:
+            async with running() as cluster:
+                host, _, port = cluster.endpoints()[0].rpartition(":")
+                reader, writer = await asyncio.open_connection(host, int(port))
+                writer.write(b"GET / HTTP/1.1\r\n\r\n")
+                garbage_answer = await asyncio.wait_for(reader.read(), 5)
+                writer.close()
+                raw = await RawClient.connect(host, int(port))
+                raw.send(Send(cid=1, conv="team", body=b"no login"))
+                got = await raw.wait_closed()
+                return garbage_answer, got, cluster.store.last_seq("team")
+
+        answer, got, last = run(main)
+        assert answer[:1] == b"\xc1"  # an imkit Error frame (no details), then EOF
+        assert [type(m).__name__ for m in got] == ["Kick"]
+        assert got[0].code == ErrorCode.NOT_LOGGED_IN
+        assert last == 0
+
+
+
+class TestBusLag:
+    def test_a_lagging_gateway_makes_its_clients_resync_and_nothing_is_lost(self) -> None:
+        """A bus inbox of 2 overflows under a burst: clients are told to sync and get all 100."""
+        gateway = GatewayConfig(server=FAST_SERVER, bus_pending=2)
+
+        async def main() -> tuple[list[bytes], int]:
+            async with running(config(gateway=gateway)) as cluster:
+                alice = make_client(cluster, "alice")
+                bob = make_client(cluster, "bob")
+                await online(alice, bob)
+                sent = [alice.send_nowait("team", b"m%d" % i)[1] for i in range(100)]
+                await asyncio.gather(*sent)
+                got = await take(bob, 100, "team")
+                lagged = cluster.gateways[0].lagged
+                await alice.close()
+                await bob.close()
+                return [p.body for p in got], lagged
+
+        bodies, lagged = run(main)
+        assert bodies == [b"m%d" % i for i in range(100)]
+        assert lagged >= 1  # the burst did overflow the gateway's bus inbox
+
+
+class TestLoadReports:
+    def test_gateways_report_their_connections_to_discovery(self) -> None:
+        """Each gateway's load report reaches the registry that ipconf ranks from."""
+        gateway = GatewayConfig(server=FAST_SERVER, report_interval_ms=20)
+
+        async def main() -> dict[str, int]:
+            async with running(config(gateways=2, gateway=gateway)) as cluster:
+                gw1, _ = cluster.endpoints()
+                clients = [make_client(cluster, u, endpoints=[gw1]) for u in ("alice", "bob")]
+                await online(*clients)
+
+                async def reported() -> dict[str, int]:
+                    return {g.id: g.connections for g in await cluster.registry.live()}
+
+                async with asyncio.timeout(10):
+                    while (await reported()).get("gw-1") != 2:
+                        await asyncio.sleep(0.02)
+                result = await reported()
+                for c in clients:
+                    await c.close()
+                return result
+
+        assert run(main) == {"gw-1": 2, "gw-2": 0}
