@@ -187,6 +187,9 @@ class DeadlineTimer:
     ``now_ms`` passed to ``on_due`` is the loop clock in ms, never below the
     deadline it was armed for (the loop may run a timer a hair early) and never
     going backwards.
+    It may therefore run up to a millisecond ahead of :func:`loop_ms`: feed every
+    other call into the same object from :meth:`now_ms` too, never from
+    ``loop_ms()`` directly, or the object may see time go backwards.
     """
 
     def __init__(
