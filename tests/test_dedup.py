@@ -418,18 +418,31 @@ class TestSeqWindowBasics:
 
     def test_capacity_refuses_and_loses_nothing(self) -> None:
         """At max_pending an offer raises CapacityError, records nothing, and works after pop."""
-        w: SeqWindow[int] = SeqWindow(max_pending=2)
+        w: SeqWindow[int] = SeqWindow(max_pending=3)
         w.offer(3, 3)
         w.offer(5, 5)
         with pytest.raises(CapacityError) as err:
-            w.offer(4, 4)
-        assert (err.value.limit, err.value.value) == ("max_pending", 2)
-        with pytest.raises(CapacityError):
-            w.offer(1, 1)  # even in order: ready items count too
+            w.offer(4, 4)  # early items may use max_pending - 1 places
+        assert (err.value.limit, err.value.value) == ("max_pending", 3)
+        assert w.pending == 2
         w.skip_to(2)
         assert w.pop_ready() == [(3, 3)]
         assert w.offer(4, 4) is NEW
         assert w.pop_ready() == [(4, 4), (5, 5)]
+        w._check()
+
+    def test_the_seq_that_closes_the_gap_always_fits(self) -> None:
+        """A window full of early items still accepts contiguous + 1, so it can drain."""
+        w: SeqWindow[int] = SeqWindow(max_pending=3)
+        w.offer(2, 2)
+        w.offer(3, 3)
+        with pytest.raises(CapacityError):
+            w.offer(5, 5)
+        assert w.offer(1, 1) is NEW  # the last place
+        with pytest.raises(CapacityError):
+            w.offer(4, 4)  # in order, but full until popped: nothing recorded
+        assert w.pop_ready() == [(1, 1), (2, 2), (3, 3)]
+        assert w.offer(4, 4) is NEW
         w._check()
 
     def test_duplicate_at_capacity_is_not_an_error(self) -> None:
@@ -524,7 +537,9 @@ class SeqWindowMachine(RuleBasedStateMachine):
         self.counter += 1
         item = self.counter
         dup = seq <= self.c or seq in self.held
-        if not dup and len(self.held) >= self.max_pending:
+        # Early seqs may use max_pending - 1 places; the last is kept for c + 1.
+        limit = self.max_pending if seq == self.c + 1 else self.max_pending - 1
+        if not dup and len(self.held) >= limit:
             with pytest.raises(CapacityError):
                 self.window.offer(seq, item)
             return

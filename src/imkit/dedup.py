@@ -352,7 +352,9 @@ class SeqWindow(Generic[T]):
     Held items (releasable or early, not yet popped) are bounded by ``max_pending``;
     an offer that would exceed it raises :class:`~imkit.errors.CapacityError` and
     records nothing, so nothing is lost: the caller leaves the push unacknowledged
-    and syncs later. Call ``pop_ready()`` after offers.
+    and syncs later. Early items may take at most ``max_pending - 1`` places: the
+    last one is kept for ``contiguous + 1``, so the message that closes the gap is
+    always accepted and a full window can drain. Call ``pop_ready()`` after offers.
 
     >>> w: SeqWindow[str] = SeqWindow()
     >>> [w.offer(s, f"m{s}").name for s in (1, 3, 3, 1)]
@@ -423,7 +425,9 @@ class SeqWindow(Generic[T]):
             if 0 < seq <= MAX_SEQ:  # a duplicate, or early: hold it
                 if seq <= c or seq in early:
                     return _DUPLICATE
-                if len(self._ready) + len(early) >= self._max_pending:
+                # The last slot is kept for contiguous + 1: the seq that closes the gap
+                # must always fit, or a window full of early items could never drain.
+                if len(self._ready) + len(early) >= self._max_pending - 1:
                     raise self._full()
                 early[seq] = item
                 # Plain ifs, not min()/max(): two builtin calls cost more than the rest.

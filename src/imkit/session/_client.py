@@ -621,16 +621,14 @@ class ClientSession:
         """Offer one message to its window and deliver what it releases. O(1) in order.
 
         Returns False if it was dropped (unacknowledged: the server retries, or a
-        sync fetches it). Early messages may fill ``max_held`` slots; the window has
-        one more, so the message that closes the gap is always accepted.
+        sync fetches it). The window has ``max_held + 1`` places and keeps its last
+        one for the message that closes the gap, so early messages may fill
+        ``max_held`` and the gap-closer is always accepted.
         """
         seq = p.seq
-        if seq > w.contiguous + 1 and w.pending >= self._max_held:
-            self.stats.pushes_dropped += 1
-            return False
         try:
             verdict = w.offer(seq, p)
-        except CapacityError:  # pragma: no cover - the reserved slot prevents it
+        except CapacityError:  # an early push past max_held
             self.stats.pushes_dropped += 1
             return False
         if verdict is not Verdict.NEW:
