@@ -21,7 +21,8 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m coverage run -m pytest -q
+	$(PY) -m coverage report    # floor 1, branches; fails under 90%
 	PY=$(PY) bash scripts/quickstart_smoke.sh
 
 bench: $(STAMP)

@@ -43,6 +43,9 @@ def main() -> None:
         print(f"== {script.name}", flush=True)
         subprocess.run([sys.executable, str(script), "--write"], check=True, cwd=HERE.parent)
     parts = [INTRO.format(machine=machine(), date=datetime.date.today().isoformat())]
+    summary = HERE / "SUMMARY.md"
+    if summary.exists():
+        parts.append(summary.read_text())
     parts.extend(p.read_text() for p in sorted(RESULTS.glob("*.md")))
     DOC.write_text("\n".join(parts))
     print(f"wrote {DOC}")

@@ -41,7 +41,7 @@ from collections.abc import Callable
 
 from examples.auth import Authenticator
 from imkit.aio import Client, ClientStatus, http_get_json
-from imkit.errors import BackendError, ConnectionClosed, ImkitError, SendFailed
+from imkit.errors import BackendError, ConnectionClosed, HttpError, ImkitError, SendFailed
 from imkit.protocol import Push
 from imkit.session import Kicked, SessionEvent
 from imkit.store import direct_conv_id
@@ -60,6 +60,21 @@ async def fetch_token(ipconf: str, uid: str, device: str) -> str:
     if not isinstance(token, str):
         raise BackendError(f"no token for {uid!r}: {doc}")
     return token
+
+
+def _token_error(exc: HttpError) -> str:
+    """Why ``/dev/token`` refused, from the answer's status and JSON error body."""
+    reason = exc.body.get("error") if isinstance(exc.body, dict) else None
+    if not isinstance(reason, str) or not reason:
+        if exc.status == 404:  # no JSON: the path itself is not served there
+            return f"{exc} (no /dev/token there: is --ipconf the launcher's ipconf?)"
+        return str(exc)
+    text = "".join(c if c.isprintable() else "?" for c in reason[:200])  # a peer's words
+    if exc.status == 404:
+        return f"{text} (add it: python -m examples.cluster admin create-user NAME)"
+    if exc.status == 403:
+        return f"{text} (pass --secret HEX, the secret the launcher printed)"
+    return f"{text} (HTTP {exc.status})"
 
 
 def conversation_of(user: str, to: str | None, group: str | None) -> str:
@@ -96,13 +111,11 @@ async def run_chat(args: argparse.Namespace) -> int:
             token = Authenticator(bytes.fromhex(args.secret)).issue(args.user, device)
         else:
             token = await fetch_token(ipconf, args.user, device)
+    except HttpError as exc:  # the launcher answered, and said no
+        print(f"cannot get a login token: {_token_error(exc)}", file=sys.stderr)
+        return 1
     except (ImkitError, ValueError) as exc:
-        hint = ""
-        if "HTTP 404" in str(exc):
-            hint = " (unknown user; add it: python -m examples.cluster admin create-user NAME)"
-        elif "HTTP 403" in str(exc):
-            hint = " (dev tokens are disabled: pass --secret)"
-        print(f"cannot get a login token: {exc}{hint}", file=sys.stderr)
+        print(f"cannot get a login token: {exc}", file=sys.stderr)
         return 1
     conv = conversation_of(args.user, args.to, args.group)
     scripted = bool(args.send) or args.expect is not None

@@ -77,11 +77,12 @@ from imkit.aio import (
 from imkit.bus import Envelope, Lagged
 from imkit.discovery import GatewayInfo, Registry
 from imkit.errors import AuthError, CapacityError, ConnectionClosed, ImkitError
-from imkit.protocol import ErrorCode, Message, Notify, PushAck
+from imkit.protocol import ErrorCode, Message, Notify, Push, PushBatch, encode
 from imkit.routetable import BindResult, Route, UnbindResult
 from imkit.session import (
     CloseConnection,
     Output,
+    PushAcked,
     ReceiptPosted,
     SendRequested,
     ServerConfig,
@@ -181,7 +182,8 @@ class Gateway:
     """One gateway of the reference system. ``start()`` listens; ``stop()`` drains.
 
     Per frame: the session's O(1) plus, for a send, the logic server's work. Per
-    bus envelope: O(targets) session pushes. Create it inside a running loop.
+    bus envelope: O(targets) session pushes, and one encode of its frame for all
+    TCP targets (``FramedConnection.send_encoded``). Create it inside a running loop.
     """
 
     def __init__(
@@ -310,8 +312,6 @@ class Gateway:
         try:
             async for message in messages:
                 outputs = session.receive(message, self.driver.now_ms())
-                if type(message) is PushAck and message.cumulative and session.uid:
-                    self.logic.note_cursor(session.uid, session.device, message.conv, message.seq)
                 await self._act(conn, outputs)
                 if link.closed:
                     break
@@ -352,7 +352,10 @@ class Gateway:
         session = conn.session
         assert session is not None
         for out in outputs:
-            if isinstance(out, SendRequested):
+            if isinstance(out, PushAcked):
+                if out.cumulative:  # the device holds conv through seq: its sync cursor
+                    self.logic.note_cursor(session.uid, session.device, out.conv, out.seq)
+            elif isinstance(out, SendRequested):
                 result = await self.logic.send(out.uid, out.device, out.cid, out.conv, out.body)
                 if isinstance(result, int):
                     self._emit(conn, session.fail_send(out.cid, result))
@@ -443,14 +446,35 @@ class Gateway:
         if isinstance(payload, Deliver):
             pushes = payload.pushes
             batch = pushes[0] if len(pushes) == 1 else pushes
+            frames = payload.frames
+            # each frame encoded once for every TCP target (send_encoded), on first use
+            shared_push: bytes | None = None
+            shared_frames: list[bytes] | None = None
             for route in payload.targets:
                 conn = conns.get(route.conn_id)
                 if conn is None or conn.route != route or conn.session is None:
                     continue  # gone: the client syncs when it comes back
+                link = conn.link
+                tcp = link if isinstance(link, FramedConnection) else None
                 if pushes:
-                    self._emit(conn, conn.session.push(batch, now))
-                if payload.frames:
-                    self._emit(conn, list(payload.frames))
+                    # the session tracks the pushes (its retries are its own frames);
+                    # when it sends them all in one frame, that frame is the shared one
+                    outputs = conn.session.push(batch, now)
+                    whole = _whole_frame(outputs, batch, pushes) if tcp is not None else None
+                    if tcp is not None and whole is not None:
+                        if shared_push is None:
+                            shared_push = encode(whole, max_frame_size=tcp.conn.max_frame_size)
+                        _send_shared(tcp, [shared_push])
+                    else:
+                        self._emit(conn, outputs)
+                if frames:
+                    if tcp is None:
+                        self._emit(conn, list(frames))
+                        continue
+                    if shared_frames is None:
+                        size = tcp.conn.max_frame_size
+                        shared_frames = [encode(f, max_frame_size=size) for f in frames]
+                    _send_shared(tcp, shared_frames)
             if payload.ticket is not None:
                 payload.ticket.finish()
         elif isinstance(payload, Signals):
@@ -527,6 +551,33 @@ class Gateway:
             await self._serve(link, link.messages())
             if not link.closed:
                 link.close()
+
+
+def _whole_frame(
+    outputs: list[Output], batch: object, pushes: tuple[Push, ...]
+) -> Push | PushBatch | None:
+    """The one frame of ``session.push(batch)`` if it holds every push of ``batch``, else None.
+
+    Then it is the same frame for every connection of the envelope. Otherwise
+    (some pushes already tracked, nothing new, or a slow-consumer Kick) the
+    outputs are this connection's own.
+    """
+    if len(outputs) != 1:
+        return None
+    out = outputs[0]
+    if out is batch and type(out) is Push:
+        return out
+    if type(out) is PushBatch and out.pushes == pushes:
+        return out
+    return None
+
+
+def _send_shared(link: FramedConnection, frames: list[bytes]) -> None:
+    """Queue frames encoded once for many connections (a closed link is skipped)."""
+    if not link.closed:
+        with contextlib.suppress(ConnectionClosed):
+            for frame in frames:
+                link.send_encoded(frame)
 
 
 def dev_token(request: Request, auth: Authenticator, logic: Logic, *, enabled: bool) -> Response:

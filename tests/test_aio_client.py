@@ -27,7 +27,14 @@ from imkit.aio import (
     uvloop_available,
 )
 from imkit.aio import run as aio_run
-from imkit.errors import AuthError, BackendError, ConfigError, ConnectionClosed, SendFailed
+from imkit.errors import (
+    AuthError,
+    BackendError,
+    ConfigError,
+    ConnectionClosed,
+    HttpError,
+    SendFailed,
+)
 from imkit.policy import Backoff, HeartbeatPolicy
 from imkit.protocol import ErrorCode, Ping, Push, Receipt, SyncPage
 from imkit.session import (
@@ -530,6 +537,70 @@ class TestIpconf:
                 server.close()
             with pytest.raises(ConfigError):
                 await http_get_json("ftp://example.com/")
+
+        run(main())
+
+    def test_an_error_answer_carries_status_and_body(self, run: Runner) -> None:
+        """A 404 with a JSON error body raises HttpError with .status and the parsed .body."""
+        error = {"error": "unknown user 'bob'"}
+
+        async def main() -> list[tuple[int, Any, str]]:
+            got = []
+            for response, kwargs in (
+                (http_response(json.dumps(error).encode(), status="404 Not Found"), {}),
+                (http_response(json.dumps(error).encode(), status="403 No", chunked=True), {}),
+                (http_response(b"<html>oops</html>", status="500 Oops"), {}),  # not JSON
+                (http_response(b"", status="503 Busy"), {}),  # no body
+                (http_response(b"[" * 3000, status="400 Bad"), {}),  # nested too deep
+                (  # over max_error_body: the status, no body
+                    http_response(json.dumps(error).encode(), status="404 Not Found"),
+                    {"max_error_body": 10},
+                ),
+                (  # over max_error_body, chunked
+                    http_response(json.dumps(error).encode(), status="404 X", chunked=True),
+                    {"max_error_body": 10},
+                ),
+                (  # a peer's control characters never reach the message
+                    http_response(b'{"error": "a\\u001b[2Jb"}', status="409 Conflict"),
+                    {},
+                ),
+            ):
+                server, url = await http_server(lambda r=response: r)  # type: ignore[misc]
+                try:
+                    with pytest.raises(HttpError) as info:
+                        await http_get_json(url, **kwargs)
+                finally:
+                    server.close()
+                assert isinstance(info.value, BackendError)
+                assert info.value.url == url
+                got.append((info.value.status, info.value.body, str(info.value)))
+            return got
+
+        got = run(main())
+        assert [(status, body) for status, body, _ in got] == [
+            (404, error),
+            (403, error),
+            (500, None),
+            (503, None),
+            (400, None),
+            (404, None),
+            (404, None),
+            (409, {"error": "a\x1b[2Jb"}),
+        ]
+        assert got[0][2].endswith(": HTTP 404 (unknown user 'bob')")
+        assert got[2][2].endswith(": HTTP 500")
+        assert "\x1b" not in got[7][2] and got[7][2].endswith("(a?[2Jb)")
+
+    def test_a_deeply_nested_answer_is_a_backend_error(self, run: Runner) -> None:
+        """A 2xx body nested past the JSON parser's recursion limit is a BackendError."""
+
+        async def main() -> None:
+            server, url = await http_server(lambda: http_response(b"[" * 100_000))
+            try:
+                with pytest.raises(BackendError):
+                    await http_get_json(url)
+            finally:
+                server.close()
 
         run(main())
 

@@ -14,10 +14,11 @@ from hypothesis import strategies as st
 
 from imkit.aio import FramedConnection, Server, open_connection, serve, uvloop_available
 from imkit.aio import run as aio_run
-from imkit.errors import ConnectionClosed
+from imkit.errors import ConnectionClosed, LocalProtocolError
 from imkit.protocol import (
     CLOSED,
     NEED_DATA,
+    SENDERS,
     Connection,
     Error,
     ErrorCode,
@@ -26,8 +27,13 @@ from imkit.protocol import (
     Ping,
     Pong,
     Push,
+    PushBatch,
     Role,
+    encode,
+    encode_body,
+    encode_push_batch,
 )
+from tests.strategies import server_messages
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(30)]
 
@@ -382,12 +388,13 @@ class FakeTransport(asyncio.Transport):
         self.written: list[bytes] = []
         self.paused = False
         self.closing = False
+        self.buffered = 0  # what get_write_buffer_size() reports (a peer that does not read)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.written.append(bytes(data))
 
     def get_write_buffer_size(self) -> int:
-        return 0
+        return self.buffered
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         pass
@@ -461,6 +468,255 @@ class TestChunkingAndPausing:
         assert asyncio.run(main()) == list(range(25))
 
 
+
+def fake_conn(role: Role = Role.SERVER, **kwargs: Any) -> tuple[FramedConnection, FakeTransport]:
+    """A FramedConnection on a FakeTransport (call inside a running loop)."""
+    conn = FramedConnection(role, handshake_timeout_ms=None, **kwargs)
+    transport = FakeTransport()
+    conn.connection_made(transport)
+    return conn, transport
+
+
+def written_messages(transport: FakeTransport) -> list[Message]:
+    """Decode everything written to the fake transport, as a client would."""
+    reader = Connection(Role.CLIENT)
+    data = b"".join(transport.written)
+    if data:
+        reader.receive_data(data)
+    out: list[Message] = []
+    while (event := reader.next_event()) is not NEED_DATA:
+        assert event is not CLOSED
+        out.append(event)
+    return out
+
+
+PUSHES = tuple(Push(conv="g", seq=i, sender="u", body=b"hi %d" % i) for i in range(1, 4))
+
+
+class TestCloseCode:
+    def test_close_after_a_kick_records_its_code(self) -> None:
+        """send(Kick) then a bare close(): close_code and close_reason are the kick's."""
+
+        async def main() -> tuple[int, str, int]:
+            conn, _ = fake_conn()
+            conn.send(Kick(code=ErrorCode.REPLACED, reason="replaced"))
+            conn.close()
+            with pytest.raises(ConnectionClosed) as info:
+                conn.send(Ping())
+            return conn.close_code, conn.close_reason, info.value.code
+
+        assert asyncio.run(main()) == (ErrorCode.REPLACED, "replaced", ErrorCode.REPLACED)
+
+    def test_explicit_code_and_last_frame_win(self) -> None:
+        """close(code=...) and close(last) override an earlier Kick; no Kick at all is 0."""
+
+        async def main() -> list[tuple[int, str]]:
+            got = []
+            for explicit in (True, False):
+                conn, _ = fake_conn()
+                conn.send(Kick(code=ErrorCode.REPLACED, reason="replaced"))
+                if explicit:
+                    conn.close(code=ErrorCode.SHUTDOWN)
+                else:
+                    conn.close(Error(code=ErrorCode.INTERNAL, reason="x"))
+                got.append((conn.close_code, conn.close_reason))
+            plain, _ = fake_conn()
+            plain.send(Push(conv="c", seq=1, sender="u", body=b"x"))
+            plain.close()
+            got.append((plain.close_code, plain.close_reason))
+            return got
+
+        assert asyncio.run(main()) == [
+            (ErrorCode.SHUTDOWN, ""),
+            (ErrorCode.INTERNAL, "x"),
+            (0, ""),
+        ]
+
+    def test_a_kick_sent_pre_encoded_counts_too(self) -> None:
+        """send_encoded(encode(Kick)) then close(): the kick's code is recorded."""
+
+        async def main() -> int:
+            conn, transport = fake_conn()
+            conn.send_encoded(encode(Kick(code=ErrorCode.SLOW_CONSUMER, reason="slow")))
+            conn.close()
+            assert written_messages(transport) == [
+                Kick(code=ErrorCode.SLOW_CONSUMER, reason="slow")
+            ]
+            return conn.close_code
+
+        assert asyncio.run(main()) == ErrorCode.SLOW_CONSUMER
+
+    def test_a_handler_that_kicks_and_returns_closes_with_the_kick_code(
+        self, run: Runner
+    ) -> None:
+        """Over loopback: serve() closes after the handler returns; the kick's code is kept."""
+
+        async def main() -> tuple[Message, int]:
+            served: list[FramedConnection] = []
+
+            async def handler(conn: FramedConnection) -> None:
+                served.append(conn)
+                await conn.recv()
+                conn.send(Kick(code=ErrorCode.AUTH_FAILED, reason="no"))
+                # returns without close(): serve() closes the connection with no code
+
+            async with await serve(handler, HOST, 0) as server:
+                client = await open_connection(HOST, server.port)
+                client.send(Ping())
+                got = await client.recv()
+                await asyncio.wait_for(served[0].wait_closed(), GUARD_S)
+                client.close()
+                return got, served[0].close_code
+
+        assert run(main()) == (Kick(code=ErrorCode.AUTH_FAILED, reason="no"), ErrorCode.AUTH_FAILED)
+
+
+class TestSendEncoded:
+    def test_same_bytes_as_send_and_coalesced(self) -> None:
+        """send_encoded writes exactly the encoded bytes, in order, in the same single write."""
+
+        async def main() -> tuple[list[bytes], list[Message], int]:
+            conn, transport = fake_conn()
+            frame = encode(PushBatch(pushes=PUSHES))
+            conn.send(Pong(nonce=1))
+            conn.send_encoded(frame)
+            conn.send(Pong(nonce=2))
+            await asyncio.sleep(0)  # the scheduled flush
+            conn._check()
+            return transport.written, written_messages(transport), conn.frames_sent
+
+        written, messages, frames_sent = asyncio.run(main())
+        assert len(written) == 1
+        assert messages == [Pong(nonce=1), PushBatch(pushes=PUSHES), Pong(nonce=2)]
+        assert frames_sent == 3
+
+    def test_one_encoding_fans_out_to_many_connections(self, run: Runner) -> None:
+        """One encode_push_batch, written to three clients over loopback: each decodes it."""
+
+        async def main() -> list[Message]:
+            ready: list[FramedConnection] = []
+            enough = asyncio.Event()
+
+            async def handler(conn: FramedConnection) -> None:
+                await conn.recv()  # a Ping says hello
+                ready.append(conn)
+                if len(ready) == 3:
+                    enough.set()
+                await conn.wait_closed()
+
+            async with await serve(handler, HOST, 0) as server:
+                clients = [await open_connection(HOST, server.port) for _ in range(3)]
+                for c in clients:
+                    c.send(Ping())
+                await asyncio.wait_for(enough.wait(), GUARD_S)
+                frame = encode_push_batch([encode_body(p) for p in PUSHES])
+                for conn in ready:
+                    conn.send_encoded(frame)
+                got = [await c.recv() for c in clients]
+                for c in clients:
+                    c.close()
+                return got
+
+        assert run(main()) == [PushBatch(pushes=PUSHES)] * 3
+
+    def test_bad_frames_are_refused(self) -> None:
+        """Not bytes, truncated, trailing bytes, bad magic or flag, over the size, wrong role."""
+        good = encode(Push(conv="c", seq=1, sender="u", body=b"x" * 40))
+
+        async def main() -> None:
+            conn, transport = fake_conn(max_frame_size=32)
+            small = encode(Pong(nonce=1))
+            bad_flag = small[:3] + b"\x02" + small[4:]
+            for frame in (
+                bytearray(small),
+                small[:-1],
+                small + b"\x00",
+                b"\x00" + small[1:],
+                small[:1] + b"\x09" + small[2:],  # another version
+                bad_flag,
+                good,  # a 40+ byte body over max_frame_size=32
+                small[:8],
+                b"",
+            ):
+                with pytest.raises(LocalProtocolError):
+                    conn.send_encoded(frame)  # type: ignore[arg-type]
+            client, _ = fake_conn(Role.CLIENT)
+            with pytest.raises(LocalProtocolError):
+                client.send_encoded(small)  # a Pong: only a server sends it
+            client.send_encoded(encode(Ping(nonce=3)))
+            await asyncio.sleep(0)
+            assert transport.written == [] and conn.frames_sent == 0
+            conn._check()
+
+        asyncio.run(main())
+
+    def test_closed_and_slow_consumer_rules_apply(self) -> None:
+        """After close: ConnectionClosed. Past max_write_buffer: cut with SLOW_CONSUMER."""
+        frame = encode(PushBatch(pushes=PUSHES))
+
+        async def main() -> tuple[int, bool]:
+            conn, _ = fake_conn()
+            conn.close()
+            with pytest.raises(ConnectionClosed):
+                conn.send_encoded(frame)
+            slow, transport = fake_conn(max_write_buffer=1024, write_high_water=512)
+            transport.buffered = 2048  # the peer stopped reading
+            slow.send_encoded(frame)
+            await asyncio.sleep(0)
+            with pytest.raises(ConnectionClosed):
+                slow.send_encoded(frame)
+            return slow.close_code, transport.closing
+
+        assert asyncio.run(main()) == (ErrorCode.SLOW_CONSUMER, True)
+
+    @settings(max_examples=100)
+    @given(message=server_messages, coalesce=st.booleans())
+    def test_any_server_message_pre_encoded_matches_send(
+        self, message: Message, coalesce: bool
+    ) -> None:
+        """For any server message, send_encoded(encode(m)) writes what send(m) writes."""
+
+        async def main() -> tuple[bytes, bytes]:
+            outs = []
+            for pre in (False, True):
+                conn, transport = fake_conn(coalesce=coalesce)
+                if pre:
+                    conn.send_encoded(encode(message))
+                else:
+                    conn.send(message)
+                await asyncio.sleep(0)
+                conn._check()
+                outs.append(b"".join(transport.written))
+            return outs[0], outs[1]
+
+        sent, pre_encoded = asyncio.run(main())
+        assert sent == pre_encoded
+
+    @settings(max_examples=100)
+    @given(pos=st.integers(0, 7), byte=st.integers(0, 255))
+    def test_header_check_against_its_specification(self, pos: int, byte: int) -> None:
+        """A changed header byte is accepted only where the wire format allows that byte."""
+        frame = encode(PushBatch(pushes=PUSHES))
+        damaged = frame[:pos] + bytes([byte]) + frame[pos + 1 :]
+        server_types = {int(t) for t, (_, senders) in SENDERS.items() if Role.SERVER in senders}
+        allowed = (
+            damaged == frame
+            or (pos == 2 and byte in server_types)  # another frame type a server may send
+            or (pos == 3 and byte in (0, 1))  # flags: only bit 0 (LZ4) is defined
+        )
+
+        async def main() -> bool:
+            conn, transport = fake_conn()
+            try:
+                conn.send_encoded(damaged)
+            except LocalProtocolError:
+                assert conn.frames_sent == 0
+                return False
+            await asyncio.sleep(0)
+            assert b"".join(transport.written) == damaged
+            return True
+
+        assert asyncio.run(main()) == allowed
 
 
 class TestGarbage:

@@ -23,7 +23,18 @@ from examples.probe import RawClient
 
 from imkit.aio import Client, ClientStatus, http_get_json
 from imkit.policy import Backoff
-from imkit.protocol import ErrorCode, Kick, Login, Push, Send, SendAck
+from imkit.protocol import (
+    ErrorCode,
+    Kick,
+    Login,
+    Push,
+    PushAck,
+    PushBatch,
+    Send,
+    SendAck,
+    SyncRequest,
+    SyncResponse,
+)
 from imkit.session import (
     LoggedIn,
     ReceiptReceived,
@@ -243,6 +254,36 @@ class TestReceipts:
         receipts, cursor = run(main)
         assert receipts == [(direct_conv_id("alice", "bob"), 2, "bob")]
         assert cursor == 2
+
+
+class TestDeviceCursors:
+    def test_only_acks_the_session_accepted_move_the_inbox_cursor(self) -> None:
+        """A forged far-ahead ack is ignored; a genuine one makes the inbox sync start after it."""
+
+        async def main() -> list[int]:
+            async with running() as cluster:
+                alice = make_client(cluster, "alice")
+                await online(alice)
+                raw = await RawClient.connect(*_host_port(cluster))
+                await raw.login(cluster.token("bob", "raw"), "raw")
+                conv = direct_conv_id("alice", "bob")
+                for text in (b"one", b"two", b"three"):
+                    await alice.send(conv, text)
+                pushed: set[int] = set()
+                while len(pushed) < 3:
+                    frame = await raw.recv()
+                    if isinstance(frame, Push | PushBatch):
+                        items = frame.pushes if isinstance(frame, PushBatch) else (frame,)
+                        pushed.update(p.seq for p in items if p.conv == conv)
+                raw.send(PushAck(conv=conv, seq=1000))  # forged: never pushed
+                raw.send(PushAck(conv=conv, seq=1))  # genuine: bob holds #1
+                raw.send(SyncRequest(req_id=1))  # the inbox: from this device's cursors
+                answer = await raw.expect(SyncResponse)
+                raw.close()
+                await alice.close()
+                return [m.seq for page in answer.pages if page.conv == conv for m in page.messages]
+
+        assert run(main) == [2, 3]
 
 
 class TestBigGroup:

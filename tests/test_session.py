@@ -46,6 +46,7 @@ from imkit.session import (
     Kicked,
     MessageReceived,
     Output,
+    PushAcked,
     ReceiptPosted,
     ReceiptReceived,
     SendAcked,
@@ -421,6 +422,20 @@ class TestServerDownstream:
         assert s.session.tracked_pushes == 0
         assert len(s.wheel) == 1  # only the heartbeat deadline is left
 
+    def test_genuine_ack_emits_push_acked(self) -> None:
+        """An ack that releases tracked pushes yields PushAcked(conv, seq, cumulative)."""
+        s = Server()
+        s.login()
+        s.session.push([push("c", 1), push("c", 2), push("c", 3), push("c", 5)], 0)
+        assert s.recv(PushAck(conv="c", seq=2)) == [PushAcked(conv="c", seq=2)]
+        assert s.recv(PushAck(conv="c", seq=5, cumulative=False)) == [
+            PushAcked(conv="c", seq=5, cumulative=False)
+        ]
+        # cumulative through 4: releases 3 (4 was never pushed, 5 is already acked)
+        assert s.recv(PushAck(conv="c", seq=4)) == [PushAcked(conv="c", seq=4)]
+        assert s.session.tracked_pushes == 0
+        assert s.session.stats.acks_ignored == 0
+
     def test_ack_never_sent_or_far_ahead_is_ignored(self) -> None:
         """Acks for unknown convs, unsent seqs or seqs beyond the highest push change nothing."""
         s = Server()
@@ -429,12 +444,26 @@ class TestServerDownstream:
         for ack in (
             PushAck(conv="other", seq=5),
             PushAck(conv="c", seq=7),  # far ahead: would ack 5 and 6 if believed
+            PushAck(conv="c", seq=10**9),  # far ahead: a forged device cursor
             PushAck(conv="c", seq=4),  # below everything tracked
             PushAck(conv="c", seq=9, cumulative=False),
         ):
-            s.recv(ack)
+            assert s.recv(ack) == []  # no PushAcked: nothing was accepted
         assert s.session.tracked_pushes == 2
-        assert s.session.stats.acks_ignored == 4
+        assert s.session.stats.acks_ignored == 5
+
+    def test_repeated_or_abandoned_acks_emit_nothing(self) -> None:
+        """An ack of pushes already acked, or given up to sync, emits no PushAcked."""
+        s = Server(ServerConfig(push_retry=RETRY))
+        s.login()
+        s.session.push([push("c", 1), push("c", 2)], 0)
+        assert s.recv(PushAck(conv="c", seq=1)) == [PushAcked(conv="c", seq=1)]
+        assert s.recv(PushAck(conv="c", seq=1)) == []  # a duplicate of the same ack
+        for dt in (100, 200, 400):  # seq 2: retried twice, then given up with a Notify
+            s.advance(dt)
+        assert s.session.tracked_pushes == 0
+        assert s.recv(PushAck(conv="c", seq=2)) == []
+        assert s.session.stats.acks_ignored == 2
 
     def test_retries_then_left_to_sync(self) -> None:
         """Unacked pushes are resent on the retry schedule, then dropped with a Notify."""
@@ -546,19 +575,23 @@ class ServerTrackingMachine(RuleBasedStateMachine):
 
     @rule(conv=st.sampled_from("ab"), seq=st.integers(0, 7), cumulative=st.booleans())
     def ack(self, conv: str, seq: int, cumulative: bool) -> None:
-        self.s.recv(PushAck(conv=conv, seq=seq, cumulative=cumulative))
+        out = self.s.recv(PushAck(conv=conv, seq=seq, cumulative=cumulative))
+        before = len(self.tracked)
         mine = [q for (c, q) in self.tracked if c == conv]
-        if not mine:
-            return
-        if cumulative:
-            if seq <= self.highest[conv]:
-                for q in mine:
-                    if q <= seq:
-                        del self.tracked[(conv, q)]
-        else:
-            self.tracked.pop((conv, seq), None)
-        if not any(c == conv for c, _ in self.tracked):
-            del self.highest[conv]
+        if mine:
+            if cumulative:
+                if seq <= self.highest[conv]:
+                    for q in mine:
+                        if q <= seq:
+                            del self.tracked[(conv, q)]
+            else:
+                self.tracked.pop((conv, seq), None)
+            if not any(c == conv for c, _ in self.tracked):
+                del self.highest[conv]
+        # PushAcked exactly when the ack released something the session tracked
+        released = len(self.tracked) < before
+        expected = [PushAcked(conv=conv, seq=seq, cumulative=cumulative)] if released else []
+        assert out == expected
 
     @rule(dt=st.sampled_from([1, 50, 99, 100, 250, 1000]))
     def advance(self, dt: int) -> None:

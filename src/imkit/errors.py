@@ -37,6 +37,7 @@ internal details meant for a peer.
     │   ├── UserNotFound (KeyError)
     │   └── NotMember                          e.g. a read cursor of a non-member
     ├── BackendError                           bus / discovery / redis / nats failures
+    │   └── HttpError                          .url, .status, .body: a non-2xx HTTP answer
     └── ConnectionClosed (ConnectionError)     .code, .reason: the aio connection is closed
 """
 
@@ -54,6 +55,7 @@ __all__ = [
     "DecompressionError",
     "EmptyRingError",
     "FrameTooLarge",
+    "HttpError",
     "ImkitError",
     "InvalidField",
     "LocalProtocolError",
@@ -342,6 +344,28 @@ class BackendError(ImkitError):
 
 
 # --- aio ------------------------------------------------------------------------
+
+
+class HttpError(BackendError):
+    """An HTTP server answered ``status`` (not 2xx); ``body`` is its parsed JSON body.
+
+    ``body`` is None when the answer had no JSON body or a larger one than the
+    caller's bound (:func:`imkit.aio.http_get_json`'s ``max_error_body``). The
+    message quotes the body's ``"error"`` string, if any, cut to 200 characters.
+    """
+
+    def __init__(self, url: str, status: int, body: object = None) -> None:
+        super().__init__(url, status, body)
+        self.url = url
+        self.status = status
+        self.body = body
+
+    def __str__(self) -> str:
+        text = f"GET {self.url}: HTTP {self.status}"
+        error = self.body.get("error") if isinstance(self.body, dict) else None
+        if isinstance(error, str) and error:  # a peer's text: printable characters only
+            text += " (" + "".join(c if c.isprintable() else "?" for c in error[:200]) + ")"
+        return text
 
 
 class ConnectionClosed(ImkitError, ConnectionError):

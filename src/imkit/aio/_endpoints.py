@@ -27,12 +27,13 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from imkit.errors import BackendError, ConfigError
+from imkit.errors import BackendError, ConfigError, HttpError
 
 __all__ = [
     "DEFAULT_HTTP_TIMEOUT_MS",
     "DEFAULT_MAX_ENDPOINTS",
     "DEFAULT_MAX_HTTP_BODY",
+    "DEFAULT_MAX_HTTP_ERROR_BODY",
     "DEFAULT_MAX_HTTP_HEADER",
     "Endpoint",
     "fetch_endpoints",
@@ -52,6 +53,12 @@ DEFAULT_MAX_HTTP_HEADER = 16 * 1024
 #: Response body bytes: a few hundred ranked endpoints of ~40 bytes; 256 KiB bounds
 #: what a misconfigured or hostile server can make the client buffer.
 DEFAULT_MAX_HTTP_BODY = 256 * 1024
+
+#: Body bytes of a non-2xx answer kept (parsed) on the HttpError. An API's error
+#: answer is a short JSON object (``{"error": "unknown user 'bob'"}``); 4 KiB keeps
+#: an exception that is logged or held small. A larger error body is not read:
+#: ``HttpError.body`` is None.
+DEFAULT_MAX_HTTP_ERROR_BODY = 4 * 1024
 
 #: Endpoints kept from one answer; a client never needs to try more than a few.
 DEFAULT_MAX_ENDPOINTS = 64
@@ -143,25 +150,37 @@ async def http_get_json(
     timeout_ms: int = DEFAULT_HTTP_TIMEOUT_MS,
     max_header: int = DEFAULT_MAX_HTTP_HEADER,
     max_body: int = DEFAULT_MAX_HTTP_BODY,
+    max_error_body: int = DEFAULT_MAX_HTTP_ERROR_BODY,
 ) -> Any:
     """GET ``url`` (http or https) and decode its JSON body; BackendError on any failure.
 
-    ConfigError for a URL that is not http(s).
+    A non-2xx answer raises :class:`~imkit.errors.HttpError` (a BackendError) with
+    ``.status`` and ``.body``, the answer's parsed JSON (None when it has none, is
+    not JSON, or is over ``max_error_body`` bytes): e.g. ``{"error": "unknown
+    user 'bob'"}`` with a 404. ConfigError for a URL that is not http(s).
+    O(body bytes).
     """
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"not an http(s) URL: {url!r}")
     try:
         return await asyncio.wait_for(
-            _get_json(url, max_header=max_header, max_body=max_body), timeout_ms / 1000
+            _get_json(url, max_header=max_header, max_body=max_body, max_error=max_error_body),
+            timeout_ms / 1000,
         )
     except TimeoutError:
         raise BackendError(f"GET {url}: no answer within {timeout_ms} ms") from None
-    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+    except (
+        OSError,
+        asyncio.IncompleteReadError,
+        asyncio.LimitOverrunError,
+        ValueError,
+        RecursionError,  # json.loads of a deeply nested body
+    ) as exc:
         raise BackendError(f"GET {url}: {type(exc).__name__}") from exc
 
 
-async def _get_json(url: str, *, max_header: int, max_body: int) -> Any:
+async def _get_json(url: str, *, max_header: int, max_body: int, max_error: int) -> Any:
     parts = urlsplit(url)
     assert parts.hostname is not None
     tls = parts.scheme == "https"
@@ -189,20 +208,32 @@ async def _get_json(url: str, *, max_header: int, max_body: int) -> Any:
             if ":" in line:
                 name, value = line.split(":", 1)
                 headers[name.strip().lower()] = value.strip()
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            body = await _read_chunked(reader, max_body)
-        elif "content-length" in headers:
-            length = int(headers["content-length"])
-            if not 0 <= length <= max_body:
-                raise ValueError("body too large")
-            body = await reader.readexactly(length)
-        else:
-            body = await _read_to_eof(reader, max_body)
         if not 200 <= status < 300:
-            raise BackendError(f"GET {url}: HTTP {status}")
-        return json.loads(body)
+            raise HttpError(url, status, await _error_body(reader, headers, max_error))
+        return json.loads(await _read_body(reader, headers, max_body))
     finally:
         writer.close()
+
+
+async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str], limit: int) -> bytes:
+    """The body as the headers frame it; ValueError past ``limit`` bytes."""
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return await _read_chunked(reader, limit)
+    if "content-length" in headers:
+        length = int(headers["content-length"])
+        if not 0 <= length <= limit:
+            raise ValueError("body too large")
+        return await reader.readexactly(length)
+    return await _read_to_eof(reader, limit)
+
+
+async def _error_body(reader: asyncio.StreamReader, headers: dict[str, str], limit: int) -> Any:
+    """The parsed JSON of a non-2xx answer, or None (no body, not JSON, over ``limit``)."""
+    try:
+        body = await _read_body(reader, headers, limit)
+        return json.loads(body) if body else None
+    except (ValueError, RecursionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        return None  # the status alone still tells what happened
 
 
 async def _read_to_eof(reader: asyncio.StreamReader, max_body: int) -> bytes:

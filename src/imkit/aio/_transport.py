@@ -34,6 +34,11 @@ Limits, each a constructor keyword (see the DEFAULT_* constants):
 * ``close_timeout_ms``: after :meth:`close`, how long the peer has to read what is
   still buffered before the connection is aborted.
 
+``send_encoded(frame)`` queues bytes already encoded (one
+:func:`~imkit.protocol.encode` for a fan-out to many connections) through the same
+pending list, flush and limits as ``send``. ``close()`` records the close code of
+the last Kick sent when no code is given.
+
 Errors sent to the peer never carry internal details: a peer that sends bad bytes
 gets ``Error(code=PROTOCOL_ERROR, reason="protocol error")`` and the connection
 closes; the exception stays local (:attr:`FramedConnection.close_exc`).
@@ -60,13 +65,20 @@ from imkit.errors import (
 from imkit.protocol import (
     CLOSED,
     DEFAULT_MAX_FRAME_SIZE,
+    HEADER_SIZE,
     NEED_DATA,
+    SENDERS,
     Connection,
     Error,
     ErrorCode,
+    FrameType,
     Kick,
     Message,
+    Ping,
+    ProtocolError,
     Role,
+    decode,
+    encode,
 )
 from imkit.timingwheel import TimerHandle
 
@@ -117,6 +129,15 @@ DEFAULT_CLOSE_TIMEOUT_MS = 5_000
 
 _PROTOCOL_ERROR = "protocol error"  # the only text a peer ever sees for bad bytes
 
+# send_encoded()'s header check: bytes 0-1 (magic, version) as this codec writes
+# them, byte 2 a frame type the role may send, byte 3 flags (only bit 0, LZ4, is
+# defined: docs/protocol.md), bytes 4-7 the body length.
+_MAGIC_VERSION = encode(Ping())[:2]
+_SENDABLE = {
+    role: frozenset(int(t) for t, (_, senders) in SENDERS.items() if role in senders)
+    for role in Role
+}
+
 _drivers: dict[asyncio.AbstractEventLoop, WheelDriver[Callable[[], object]]] = {}
 
 
@@ -148,9 +169,10 @@ class FramedConnection(asyncio.Protocol):
     may override :meth:`message_received` to handle messages inline (then
     :meth:`recv` is unused) and :meth:`on_close` to learn why it closed.
 
-    Costs: ``send`` is O(frame) (the encode) plus O(1) bookkeeping; a loop iteration
-    in which anything was sent costs one ``transport.write``; ``data_received`` is
-    O(bytes) plus O(1) per message.
+    Costs: ``send`` is O(frame) (the encode) plus O(1) bookkeeping;
+    :meth:`send_encoded` (a frame encoded once for many connections) O(1); a loop
+    iteration in which anything was sent costs one ``transport.write``;
+    ``data_received`` is O(bytes) plus O(1) per message.
 
     ``coalesce=False`` writes every frame as soon as it is sent (one
     ``transport.write``, usually one syscall, each): only for comparison.
@@ -218,6 +240,7 @@ class FramedConnection(asyncio.Protocol):
         self.close_code = 0
         self.close_reason = ""
         self.close_exc: BaseException | None = None
+        self._kick: Kick | None = None  # the last Kick sent: close() defaults to its code
         # counters
         self.writes = 0
         self.frames_sent = 0
@@ -436,10 +459,57 @@ class FramedConnection(asyncio.Protocol):
         if self._closing or self.transport is None:
             raise ConnectionClosed(self.close_code, self.close_reason)
         data = self.conn.send(message)
+        if type(message) is Kick:
+            self._kick = message
         self.frames_sent += 1
         self._out.append(data)
         if not self.coalesce:
             self._flush()  # one write per frame (for comparison; costs a syscall each)
+        elif not self._in_batch:
+            self._schedule_flush()
+
+    def send_encoded(self, frame: bytes) -> None:
+        """Queue a whole frame encoded beforehand, e.g. once for many connections. O(1).
+
+        ``frame`` must come from :func:`imkit.protocol.encode` or
+        :func:`~imkit.protocol.encode_push_batch` (never from a peer): the caller is
+        responsible for it being a valid frame. Only its header is checked --
+        magic and version, a frame type this role may send, no undefined flag, and
+        a length that matches ``len(frame)`` and ``max_frame_size`` -- the body is
+        not re-validated. A bad header raises
+        :class:`~imkit.errors.LocalProtocolError`. Otherwise exactly like
+        :meth:`send`: coalesced with the other sends of this loop iteration,
+        counted, subject to the slow-reader cut, and
+        :class:`~imkit.errors.ConnectionClosed` once closing. Fan-out: encode the
+        frame once, then ``send_encoded`` the same bytes to every connection.
+        """
+        if self._closing or self.transport is None:
+            raise ConnectionClosed(self.close_code, self.close_reason)
+        if type(frame) is not bytes:
+            raise LocalProtocolError(f"send_encoded takes bytes, not {type(frame).__name__}")
+        n = len(frame) - HEADER_SIZE
+        if (
+            n < 1
+            or frame[:2] != _MAGIC_VERSION
+            or frame[2] not in _SENDABLE[self.role]
+            or frame[3] & 0xFE
+            or int.from_bytes(frame[4:HEADER_SIZE], "big") != n
+            or n > self.conn.max_frame_size
+        ):
+            raise LocalProtocolError(
+                f"not a whole frame a {self.role.value} may send (use imkit.protocol.encode)"
+            )
+        if frame[2] == FrameType.KICK:  # rare: decode it, so close() knows its code
+            try:
+                kick = decode(frame, max_frame_size=self.conn.max_frame_size)
+            except ProtocolError:
+                raise LocalProtocolError("send_encoded: not a valid Kick frame") from None
+            assert isinstance(kick, Kick)
+            self._kick = kick
+        self.frames_sent += 1
+        self._out.append(frame)
+        if not self.coalesce:
+            self._flush()
         elif not self._in_batch:
             self._schedule_flush()
 
@@ -532,16 +602,23 @@ class FramedConnection(asyncio.Protocol):
     def close(
         self, last: Message | None = None, *, code: int | None = None, reason: str = ""
     ) -> None:
-        """Send ``last`` (a Kick or Error) if given, flush, and close. Idempotent.
+        """Send ``last`` (a Kick or Error) if given, flush, and close. Idempotent. O(1).
 
-        ``code`` defaults to the code of ``last`` (0 for a plain close).
+        The recorded :attr:`close_code` (and :attr:`close_reason`) is, first found:
+        ``code`` if given; the code of ``last`` if it is a Kick or Error; the code
+        of the last Kick already sent on this connection (through :meth:`send` or
+        :meth:`send_encoded`), so ``send(Kick(...))`` then ``close()`` keeps the
+        kick's code; else 0 (a normal close).
         """
         if self._closing:
             return
+        told = last if isinstance(last, Kick | Error) else None
+        if told is None and code is None:
+            told = self._kick
         if code is None:
-            code = last.code if isinstance(last, Kick | Error) else 0
+            code = told.code if told is not None else 0
         self.close_code = code
-        self.close_reason = reason or (last.reason if isinstance(last, Kick | Error) else "")
+        self.close_reason = reason or (told.reason if told is not None else "")
         if last is not None and self.transport is not None:
             # a frame this role may not send (a client's Kick) is simply not sent
             with contextlib.suppress(LocalProtocolError):

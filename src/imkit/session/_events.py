@@ -26,6 +26,7 @@ __all__ = [
     "LoggedIn",
     "MessageReceived",
     "Output",
+    "PushAcked",
     "ReceiptPosted",
     "ReceiptReceived",
     "SendAcked",
@@ -183,6 +184,25 @@ class SyncRequested(SessionEvent):
     req_id: int
     after: tuple[tuple[str, int], ...]
     limit: int
+
+
+@attrs.frozen(kw_only=True)
+class PushAcked(SessionEvent):
+    """Server: the client acknowledged pushes of ``conv`` that this session sent.
+
+    ``cumulative=True``: every push of ``conv`` up to and including ``seq`` -- the
+    client's claim that it holds ``conv`` contiguously through ``seq`` (a device
+    cursor; ``seq`` is never above the highest seq this session pushed in ``conv``).
+    ``cumulative=False``: that one seq only (the client holds it beyond a gap).
+    Emitted only for an ack that released at least one tracked push: an ack for an
+    unknown conversation, a seq never sent or above the highest pushed, or pushes
+    already acknowledged or given up, is ignored (``stats.acks_ignored``) and emits
+    nothing.
+    """
+
+    conv: str
+    seq: int
+    cumulative: bool = True
 
 
 @attrs.frozen(kw_only=True)

@@ -42,6 +42,7 @@ from imkit.protocol import (
 from imkit.session._events import (
     CloseConnection,
     Output,
+    PushAcked,
     ReceiptPosted,
     SendRequested,
     SessionStarted,
@@ -527,7 +528,7 @@ class ServerSession:
             self._untrack(f)
         if not seqs:
             self._forget_conv(conv)
-        return []
+        return [PushAcked(conv=conv, seq=s, cumulative=m.cumulative)]
 
     def _on_sync(self, m: SyncRequest, now_ms: int) -> list[Output]:
         cfg = self._cfg
