@@ -349,7 +349,8 @@ def main() -> None:
         "Each implementation's `check(cid)` is called from the same loop; ratios are "
         "against the unbounded set measured in the same run. The set is exact only "
         "because it never forgets: after 10M cids it holds hundreds of MB, where "
-        "CidWindow holds 2 KiB. Every implementation is first checked to give the "
+        "CidWindow holds about 3 KB (a 2 KiB ring plus the closures around it). Every "
+        "implementation is first checked to give the "
         "set's verdicts on the stream's first 200k cids."
     )
     bench_cid(report)

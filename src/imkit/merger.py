@@ -70,8 +70,8 @@ DEFAULT_MAX_INFLIGHT = 4
 #: 10k group it merges ~5 messages per push and cuts member pushes ~5x
 #: (benchmarks/bench_merger.py).
 DEFAULT_WINDOW_MS = 100
-#: Messages per batch. lz4 on a batch of 100 chat messages compresses to ~0.53 of
-#: its size (docs/benchmarks: peers); larger batches gain little compression and
+#: Messages per batch. lz4 on a batch of 100 chat messages compresses to ~0.49 of
+#: its size (docs/benchmarks.md, protocol section); larger batches gain little compression and
 #: delay the whole batch on a slow link.
 DEFAULT_MAX_BATCH = 100
 #: Bytes per batch (sum of the message sizes given to offer). Half the protocol's

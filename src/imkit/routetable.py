@@ -73,8 +73,8 @@ DEFAULT_GRACE_MS = 60_000
 #: room for those and for a reconnecting device whose old route is still in grace.
 DEFAULT_MAX_DEVICES = 8
 #: Routes in the table, live plus in grace. About 1 M connections is what a few
-#: large gateways hold; at ~220 bytes per route (tracemalloc, docs/routetable.md)
-#: that is ~220 MB, a sane ceiling for one in-memory process.
+#: large gateways hold; at ~240 bytes per route (tracemalloc, docs/routetable.md)
+#: that is ~240 MB, a sane ceiling for one in-memory process.
 DEFAULT_MAX_ROUTES = 1_000_000
 
 _NEVER = -(2**63)

@@ -64,7 +64,7 @@ __all__ = [
     "MemoryStore",
 ]
 
-#: Max messages held in total. bench_store.py measures ~250 bytes of overhead per
+#: Max messages held in total. bench_store.py measures ~260 bytes of overhead per
 #: message besides its body, so with DEFAULT_MAX_BYTES of bodies the store stays near
 #: half a GiB of RAM: an embedded, single-process deployment. Past it, run with a data
 #: directory (SqliteStore).
