@@ -20,16 +20,19 @@ What it does
        latency (queueing included) rather than as a slower generator. Senders
        take turns; ``--mode 1:1`` sends each message to one random other client
        (or one of ``--contacts K`` fixed contacts), ``--mode group`` to the group
-       (delivered to the N-1 others). A body is ``"<due ns> <sender>-<counter>
-       <phase>"`` padded to ``--body-size`` bytes; the due time is the schedule's
-       (``time.monotonic_ns``), not the moment the send left.
+       (delivered to the N-1 others). A body is ``"<send ns> <sender>-<counter>
+       <phase>"`` padded to ``--body-size`` bytes (``time.monotonic_ns`` when
+       ``send_nowait`` was called; sends never wait for acks, so the session's
+       in-flight queue, the sockets and the server's backlog all count as latency).
     5. **Drain.** After ``--warmup`` + ``--duration`` seconds of sending, waits up
        to ``--drain`` seconds for every acknowledgement and every delivery.
     6. **Report** (markdown, or ``--json``): sent / acked / failed, delivered and
        expected deliveries, lost (acked, not delivered by the end of the drain),
        app duplicates (a message handed to one recipient's application twice:
-       must be 0), latency p50/p90/p99/max from due time to the recipient's
-       application, ack latency p50/p99, **server CPU per delivered message**
+       must be 0), latency p50/p90/p99/max from the send to the recipient's
+       application (and from the schedule's due time, which adds the generator's
+       own lateness: its timers and a busy loop), ack latency p50/p99, the
+       generator's send lag, **server CPU per delivered message**
        (user + system from ``/proc/<pid>/stat`` over the measured window divided
        by its deliveries: the PEERS.md metric), server CPU per connect + login,
        server VmRSS growth per connection, and the generator's own CPU.
@@ -37,10 +40,13 @@ What it does
 Policies
     Counts (sent ... duplicates) cover every message of the run, the warm-up's
     included; latencies and CPU cover the measured window only (from the first
-    measured send to the end of the drain). The exit status is 1 when a message
-    was lost or duplicated, 2 when the run could not start. The generator runs on
-    uvloop when it is installed (:func:`imkit.aio.run`). Clients are connected at
-    most ``--connect-concurrency`` at a time. Each client's share of the rate
+    measured send until the last ack and delivery arrived, or the drain ran out).
+    The connect cost covers what a real login costs the server: the ipconf
+    lookup (unless ``--direct``), TCP accept, Login, route bind and first sync.
+    The exit status is 1 when a message was lost or duplicated, 2 when the run
+    could not start. The generator runs on uvloop when it is installed
+    (:func:`imkit.aio.run`). Clients are connected at most
+    ``--connect-concurrency`` at a time. Each client's share of the rate
     must stay under the gateway's flood limit (200 frames/s per connection) and
     the session's 64 sends in flight.
 
@@ -201,14 +207,17 @@ class LoadResult:
     reconnects: int = 0
     measured_deliveries: int = 0
     latency_ms: dict[str, float] = attrs.field(factory=dict)
+    due_latency_ms: dict[str, float] = attrs.field(factory=dict)  # from the schedule's due time
     ack_ms: dict[str, float] = attrs.field(factory=dict)
     send_lag_ms: dict[str, float] = attrs.field(factory=dict)
     window_s: float = 0.0
     server_cpu_s: float | None = None
+    server_cpu_ticks: int | None = None  # the same in clock ticks: its resolution
     server_cpu_per_delivery_us: float | None = None
     server_cpu_pct: float | None = None
     connect_s: float = 0.0
     connect_cpu_us: float | None = None
+    connect_cpu_ticks: int | None = None
     rss_before_kib: int | None = None
     rss_after_kib: int | None = None
     rss_per_conn_kib: float | None = None
@@ -228,6 +237,9 @@ class LoadResult:
         def num(value: float | None, fmt: str = "{:.1f}") -> str:
             return "n/a" if value is None else fmt.format(value)
 
+        def coarse(ticks: int | None) -> str:
+            return f" (coarse: {ticks} clock ticks)" if ticks is not None and ticks < 20 else ""
+
         def pct(d: dict[str, float], keys: Sequence[str]) -> str:
             if not d:
                 return "n/a"
@@ -237,6 +249,7 @@ class LoadResult:
         rows = [
             ("scenario", f"{scenario}, {self.duration_s:g} s (+{self.warmup_s:g} s warm-up)"),
             ("generator", f"{self.loop}, connect via {self.connect_via}"),
+            ("connect + login of all clients (s)", f"{self.connect_s:.2f}"),
             ("sent / acked / failed / pending", f"{self.sent} / {self.acked} / "
              f"{self.failed} / {self.pending}"),
             ("delivered / expected", f"{self.delivered} / {self.expected}"),
@@ -246,13 +259,17 @@ class LoadResult:
              f"{self.session_duplicates} / {self.kicks} / {self.reconnects}"),
             ("latency p50 / p90 / p99 / max (ms)", pct(self.latency_ms, ("p50", "p90", "p99",
                                                                         "max"))),
+            ("latency from the due time p50 / p99 / max (ms)",
+             pct(self.due_latency_ms, ("p50", "p99", "max"))),
             ("ack latency p50 / p99 (ms)", pct(self.ack_ms, ("p50", "p99"))),
             ("generator send lag p99 / max (ms)", pct(self.send_lag_ms, ("p99", "max"))),
             ("deliveries in the measured window",
              f"{self.measured_deliveries} in {self.window_s:.2f} s"),
-            ("server CPU per delivered message (µs)", num(self.server_cpu_per_delivery_us)),
+            ("server CPU per delivered message (µs)",
+             num(self.server_cpu_per_delivery_us) + coarse(self.server_cpu_ticks)),
             ("server CPU (% of one core)", num(self.server_cpu_pct)),
-            ("server CPU per connect + login (µs)", num(self.connect_cpu_us, "{:.0f}")),
+            ("server CPU per connect + login (µs)",
+             num(self.connect_cpu_us, "{:.0f}") + coarse(self.connect_cpu_ticks)),
             ("server RSS growth per connection (KiB)", num(self.rss_per_conn_kib, "{:.2f}")),
             ("generator CPU (% of one core)", num(self.generator_cpu_pct)),
         ]
@@ -358,10 +375,11 @@ async def _post_admin(ipconf: str, op: str, args: list[str]) -> Any:
 class _Msg:
     """One sent message: when it was due, its phase, recipients, ack state, deliveries."""
 
-    __slots__ = ("acked", "due_ns", "expected", "measured", "received", "resolved")
+    __slots__ = ("acked", "due_ns", "expected", "measured", "received", "resolved", "sent_ns")
 
-    def __init__(self, due_ns: int, measured: bool, expected: int) -> None:
+    def __init__(self, due_ns: int, sent_ns: int, measured: bool, expected: int) -> None:
         self.due_ns = due_ns
+        self.sent_ns = sent_ns
         self.measured = measured
         self.expected = expected
         self.acked = False
@@ -386,6 +404,7 @@ class _Tracker:
         self.kicks = 0
         self.measured_deliveries = 0
         self.latencies_ns: list[int] = []
+        self.due_latencies_ns: list[int] = []
         self.ack_ns: list[int] = []
         self.lag_ns: list[int] = []
         self.progress: asyncio.Event | None = None
@@ -406,7 +425,7 @@ class _Tracker:
             self.expected += msg.expected
             self.delivered += msg.received
             if msg.measured:
-                self.ack_ns.append(time.monotonic_ns() - msg.due_ns)
+                self.ack_ns.append(time.monotonic_ns() - msg.sent_ns)
         else:
             self.failed += 1
         self._poke()
@@ -424,7 +443,7 @@ class _Tracker:
         if parsed is None or msg is None:
             self.foreign += 1
             return
-        due_ns, key, _ = parsed
+        sent_ns, key, _ = parsed
         if key in seen:
             self.duplicates += 1
             return
@@ -434,7 +453,8 @@ class _Tracker:
             self.delivered += 1
         if msg.measured:
             self.measured_deliveries += 1
-            self.latencies_ns.append(now - due_ns)
+            self.latencies_ns.append(now - sent_ns)
+            self.due_latencies_ns.append(now - msg.due_ns)
         self._poke()
 
     def done(self) -> bool:
@@ -502,6 +522,8 @@ async def run_load(
         connect_via="static endpoints" if cfg.direct else "ipconf",
     )
 
+    if pid and not Path(f"/proc/{pid}/stat").exists():
+        raise LoadError(f"no process {pid} on this machine to read the server's CPU from")
     say(f"registering {n} users" + (f" and group {group}" if group else ""))
     await _register(target, uids, group)
     tokens = await _tokens(target, uids, device)
@@ -555,7 +577,9 @@ async def run_load(
         await asyncio.gather(*(connect(c) for c in clients))
         result.connect_s = time.monotonic() - t0
         if pid and cpu0 is not None and rss0 is not None:
-            result.connect_cpu_us = (proc_cpu_s(pid) - cpu0) / n * 1e6
+            used = proc_cpu_s(pid) - cpu0
+            result.connect_cpu_us = used / n * 1e6
+            result.connect_cpu_ticks = round(used * os.sysconf("SC_CLK_TCK"))
             result.rss_before_kib = rss0
             result.rss_after_kib = proc_rss_kib(pid)
             result.rss_per_conn_kib = (result.rss_after_kib - rss0) / n
@@ -564,7 +588,7 @@ async def run_load(
         contacts: list[list[int]] = []
         if cfg.mode == "1:1" and cfg.contacts:
             k = min(cfg.contacts, n - 1)
-            contacts = [rng.sample([j for j in range(n) if j != i], k) for i in range(n)]
+            contacts = [[(i + 1 + j) % n for j in rng.sample(range(n - 1), k)] for i in range(n)]
         counters = [0] * n
         recipients = 1 if cfg.mode == "1:1" else n - 1
         interval_ns = 1e9 / cfg.rate
@@ -583,11 +607,12 @@ async def run_load(
             key = b"%d-%d" % (s, counters[s])
             counters[s] += 1
             measured = i >= n_warm
-            msg = _Msg(due_ns, measured, recipients)
+            sent_ns = time.monotonic_ns()
+            msg = _Msg(due_ns, sent_ns, measured, recipients)
             tracker.sent_one(key, msg)
             try:
                 _, fut = clients[s].send_nowait(
-                    conv, make_body(due_ns, key, _MEASURED if measured else _WARMUP, cfg.body_size)
+                    conv, make_body(sent_ns, key, _MEASURED if measured else _WARMUP, cfg.body_size)
                 )
             except (CapacityError, ConnectionClosed):
                 tracker.resolve(msg, False)
@@ -648,6 +673,7 @@ async def run_load(
     result.reconnects = sum(max(0, c.connects - 1) for c in clients)
     result.measured_deliveries = t.measured_deliveries
     result.latency_ms = _summary_ms(t.latencies_ns, ("p50", "p90", "p99", "max"))
+    result.due_latency_ms = _summary_ms(t.due_latencies_ns, ("p50", "p99", "max"))
     result.ack_ms = _summary_ms(t.ack_ns, ("p50", "p99"))
     result.send_lag_ms = _summary_ms(t.lag_ns, ("p50", "p99", "max"))
     window = max(1e-9, t_end - marks["t"])
@@ -656,6 +682,7 @@ async def run_load(
     if cpu_end is not None and "cpu" in marks:
         used = cpu_end - marks["cpu"]
         result.server_cpu_s = round(used, 3)
+        result.server_cpu_ticks = round(used * os.sysconf("SC_CLK_TCK"))
         result.server_cpu_pct = round(used / window * 100, 1)
         if t.measured_deliveries:
             result.server_cpu_per_delivery_us = round(used / t.measured_deliveries * 1e6, 2)
