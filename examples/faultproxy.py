@@ -83,7 +83,7 @@ class ProxyStats:
 
     connections: int = 0
     refused: int = 0
-    frames_relayed: int = 0
+    frames_relayed: dict[int, int] = field(default_factory=dict)  # frame type -> count
     frames_dropped: dict[int, int] = field(default_factory=dict)  # frame type -> count
     bytes_blackholed: int = 0
     raw_fallbacks: int = 0  # directions that stopped splitting frames (not imkit)
@@ -181,15 +181,21 @@ class FaultProxy:
         """Stop listening and drop every connection. Idempotent."""
         if self.server is not None:
             self.server.close()
-        self.reset()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.reset()  # the relays see their sockets die and end on their own
+        if self._tasks:
+            _, stuck = await asyncio.wait(set(self._tasks), timeout=1.0)
+            for task in stuck:
+                task.cancel()  # _accept swallows it (asyncio's callback dislikes a cancel)
+            await asyncio.gather(*stuck, return_exceptions=True)
         if self.server is not None:
             await self.server.wait_closed()
             self.server = None
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._relay(reader, writer)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         if self.refuse:
             self.stats.refused += 1
@@ -245,7 +251,7 @@ class FaultProxy:
                         if kind in faults.drop_types and self.rng.random() < faults.drop_rate:
                             stats.frames_dropped[kind] = stats.frames_dropped.get(kind, 0) + 1
                             continue
-                        stats.frames_relayed += 1
+                        stats.frames_relayed[kind] = stats.frames_relayed.get(kind, 0) + 1
                         chunks.append(frame)
                     if splitter.raw and not was_raw:
                         stats.raw_fallbacks += 1
