@@ -24,6 +24,9 @@ What it does
     ``imkit-cluster ready {...}`` line on stdout) tell a script when it is up.
 
 Policies
+    A gateway that leaves discovery (no load report for ``discovery_ttl_ms``, or
+    deregistered) has its routes parked (they expire after ``grace_ms``) and its
+    part of open fan-outs released (:meth:`Cluster.reap_gateways`).
     One process, one event loop; every limit is the blocks' documented default
     unless a ``ClusterConfig`` field overrides it. Login tokens are signed with a
     random secret per run (``--secret`` or ``IMKIT_SECRET`` to fix it), valid for
@@ -112,6 +115,8 @@ class ClusterConfig:
     def __attrs_post_init__(self) -> None:
         if not 1 <= self.gateways <= 64:
             raise ConfigError("gateways must be 1-64")
+        if self.gateway.report_interval_ms >= self.discovery_ttl_ms:
+            raise ConfigError("gateway.report_interval_ms must be below discovery_ttl_ms")
 
 
 class Cluster:
@@ -140,6 +145,9 @@ class Cluster:
         self.gateways: list[Gateway] = []
         self.ipconf: IpConf | None = None
         self.ipconf_port = 0
+        self.gateways_lost = 0  # gateways discovery lost (see reap_gateways)
+        self._seen: set[str] = set()
+        self._reaper: asyncio.Task[None] | None = None
         self._stopped = False
 
     @property
@@ -172,11 +180,57 @@ class Cluster:
             "pid": os.getpid(),
         }
 
+    async def reap_gateways(self) -> list[str]:
+        """Gateways that left discovery since the last call: park their routes.
+
+        A gateway that stops reporting (a crash) or deregisters leaves the
+        registry's live set after its TTL (or at once). Its routes are then put
+        into their grace period (``routes.unbind_gateway``: they receive no pushes
+        and expire after ``grace_ms``; their devices sync when they log in again)
+        and its part of every open merged fan-out is completed
+        (``logic.gateway_gone``). Only the registry decides: a gateway that is
+        merely slow keeps heartbeating within the TTL, and one that was forgotten
+        anyway registers again and binds its live connections back
+        (``Gateway._rebind``). O(gateways + routes of the dead ones).
+        """
+        live = {info.id for info in await self.registry.live()}
+        dead = sorted(self._seen - live)
+        self._seen = live
+        for gateway in dead:
+            parked = self.routes.unbind_gateway(gateway)
+            held = self.logic.gateway_gone(gateway)
+            self.gateways_lost += 1
+            logger.warning(
+                "gateway %s left discovery: %d routes parked, %d fan-outs released",
+                gateway,
+                len(parked),
+                held,
+            )
+        return dead
+
+    async def _reap_loop(self) -> None:
+        # a third of the TTL: a dead gateway's routes are parked within 4/3 TTL
+        interval = max(self.config.discovery_ttl_ms // 3, 10) / 1000
+        while not self._stopped:
+            try:
+                await self.reap_gateways()
+            except Exception:
+                logger.exception("reaping gateways failed")
+            await asyncio.sleep(interval)
+
+    def start_reaper(self) -> None:
+        """Run :meth:`reap_gateways` every ``discovery_ttl_ms / 3`` until :meth:`stop`."""
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_loop())
+
     async def stop(self) -> None:
         """Stop everything (clients are kicked with SHUTDOWN). Idempotent."""
         if self._stopped:
             return
         self._stopped = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            await asyncio.gather(self._reaper, return_exceptions=True)
         for gateway in self.gateways:
             await gateway.stop()
         if self.ipconf is not None:
@@ -237,6 +291,7 @@ async def start_cluster(config: ClusterConfig | None = None) -> Cluster:
         )
         cluster.ipconf = ipconf
         cluster.ipconf_port = await ipconf.start(cfg.host, cfg.ipconf_port)
+        cluster.start_reaper()
     except BaseException:
         await cluster.stop()
         raise

@@ -14,7 +14,8 @@ What it does
       listener and every client socket close without a Kick, its connection
       handlers stop where they are, its bus subscription and load reports end,
       and the routes it holds stay bound (a dead process unbinds nothing; the
-      clients rebind elsewhere when they reconnect).
+      clients rebind elsewhere when they reconnect; the cluster parks what is
+      left once discovery's TTL runs out). It is :meth:`Gateway.abort`.
 
     ``benchmarks/reliability.py`` drives both (``docs/reliability.md``).
 
@@ -38,13 +39,9 @@ import asyncio
 import contextlib
 import random
 from dataclasses import dataclass, field
-from typing import cast
 
 from examples.gateway import Gateway
-from examples.routes import RouteService
-from imkit.aio import FramedConnection
 from imkit.protocol import DEFAULT_MAX_FRAME_SIZE, HEADER_SIZE
-from imkit.routetable import BindResult, Route, UnbindResult
 
 __all__ = [
     "DEFAULT_READ_SIZE",
@@ -274,68 +271,14 @@ class FaultProxy:
 # --- killing a gateway in-process ---------------------------------------------------------
 
 
-class _DeadRoutes:
-    """What a killed gateway sees instead of the route table: nothing it does lands."""
-
-    def __init__(self) -> None:
-        self.on_expire: list[object] = []
-        self.on_bind: list[object] = []
-
-    def unbind(self, route: Route) -> UnbindResult:
-        return UnbindResult.NOT_FOUND
-
-    def bind(self, route: Route) -> BindResult:  # a login racing the kill: refused
-        return BindResult.STALE
-
-    def new_epoch(self) -> int:
-        return 0
-
-    def get(self, uid: str, device: str) -> None:
-        return None
-
-
 async def kill_gateway(gateway: Gateway) -> int:
     """Make ``gateway`` vanish like a killed process; return how many clients it dropped.
 
-    Order matters: the gateway is first cut off from the shared route table (a
-    dead process unbinds nothing, so its routes stay bound until their devices
-    log in elsewhere), then its tasks stop (handlers are cancelled while they
-    wait for the next frame, so no frame already read is acted on), then its
-    listener and every client socket close without a Kick (``abort``: the
-    clients see the connection reset or end, as when the kernel closes a dead
-    process's sockets). Its registry entry is left to expire (no more load
-    reports). ``Cluster.stop()`` still works afterwards. O(connections).
+    :meth:`Gateway.abort`: its listener and every client socket close without a
+    Kick, its handlers stop while they wait for the next frame, its bus
+    subscription, load reports and timers end, and its routes stay bound (a dead
+    process unbinds nothing) until discovery's TTL runs out and the cluster
+    parks them, or their devices log in elsewhere. ``Cluster.stop()`` still works
+    afterwards. O(connections).
     """
-    routes = gateway.routes
-    for callbacks, mine in (
-        (routes.on_expire, gateway._route_expired),
-        (routes.on_bind, gateway._route_bound),
-    ):
-        with contextlib.suppress(ValueError):
-            callbacks.remove(mine)
-    gateway.routes = cast(RouteService, _DeadRoutes())
-    for task in gateway._tasks:  # bus consumer, load reports
-        task.cancel()
-    server = gateway.server
-    handlers: list[asyncio.Task[None]] = []
-    if server is not None:
-        server.closing = True
-        if server.listener is not None:
-            server.listener.close()  # new connections: refused
-        handlers = list(server.tasks)
-        for task in handlers:
-            task.cancel()
-    if gateway._sub is not None:
-        gateway._sub.close_nowait()  # envelopes for this gateway now go nowhere
-    dropped = 0
-    for conn in list(gateway.conns.values()):
-        link = conn.link
-        if isinstance(link, FramedConnection):
-            link.abort()
-        else:
-            link.close()  # a WebSocket link has no abort; the harness runs without web
-        dropped += 1
-    gateway.driver.close()  # heartbeats and push retries of the dead sessions: gone
-    await asyncio.gather(*gateway._tasks, *handlers, return_exceptions=True)
-    gateway._tasks = []
-    return dropped
+    return await gateway.abort()

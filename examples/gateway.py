@@ -29,7 +29,10 @@ Policies
     and resyncs when it comes back; at most ``max_connections`` clients (others
     get ``Kick(SERVER_BUSY, retry_after_ms)``); on shutdown every client gets
     ``Kick(SHUTDOWN, retry_after_ms)`` so they reconnect elsewhere, spread out.
-    If its bus subscription lags, it tells every client to resync.
+    If its bus subscription lags, it tells every client to resync. If discovery
+    forgot it while it was alive (late load reports), it registers again and
+    binds back the routes the cluster parked meanwhile. :meth:`Gateway.abort`
+    simulates a crash for fault tests.
 
 What it leaves out
     TLS, hot restart by file-descriptor handoff, a per-IP connection rate limit,
@@ -218,9 +221,12 @@ class Gateway:
         self.web: HttpServer | None = None
         self._sub: MemorySubscription[BusPayload] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._dying: list[asyncio.Task[None]] = []  # cancelled by abort_nowait()
         self.tcp_endpoint = ""
         self.ws_endpoint = ""
         self.web_url = ""
+        self.aborted = False  # abort() ran: this gateway plays dead
+        self.rebound = 0  # routes bound again after discovery had forgotten this gateway
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -282,6 +288,62 @@ class Gateway:
             self.routes.on_bind.remove(self._route_bound)
         self.driver.close()
 
+    async def abort(self) -> int:
+        """Die like a killed process (``kill -9``); return how many clients it dropped.
+
+        For fault tests (:func:`examples.faultproxy.kill_gateway`). No Kick, no
+        deregistration, no unbind: its listener and every client socket close
+        abruptly (``abort``: the clients see a reset or an end of stream), its
+        connection handlers stop while they wait for the next frame (a frame
+        already read is not acted on), its bus subscription ends (envelopes for it
+        now go nowhere), its load reports and session timers stop, and its routes
+        stay bound as a dead process leaves them, until discovery's TTL runs out
+        (the cluster then parks them) or their devices log in elsewhere.
+        :meth:`stop` still works afterwards. Idempotent. O(connections).
+        """
+        dropped = self.abort_nowait()
+        dying, self._dying = self._dying, []
+        await asyncio.gather(*dying, return_exceptions=True)
+        return dropped
+
+    def abort_nowait(self) -> int:
+        """:meth:`abort` without waiting for the cancelled tasks to finish unwinding.
+
+        Usable from a synchronous callback (a test can kill the gateway between
+        two bus publishes). O(connections).
+        """
+        if self.aborted:
+            return 0
+        self.aborted = True  # from here on, nothing this gateway does touches the routes
+        with contextlib.suppress(ValueError):
+            self.routes.on_expire.remove(self._route_expired)
+        with contextlib.suppress(ValueError):
+            self.routes.on_bind.remove(self._route_bound)
+        dying, self._tasks = self._tasks, []
+        server = self.server
+        if server is not None:
+            server.closing = True
+            if server.listener is not None:
+                server.listener.close()  # new connections: refused
+            dying += server.tasks  # the connection handlers
+        for task in dying:  # bus consumer, load reports, handlers
+            task.cancel()
+        self._dying = dying
+        if self.web is not None:
+            self.web.server.close()  # new web connections: refused
+        if self._sub is not None:
+            self._sub.close_nowait()  # envelopes queued for it are gone with it
+        dropped = 0
+        for conn in list(self.conns.values()):
+            link = conn.link
+            if isinstance(link, FramedConnection):
+                link.abort()
+            else:
+                link.close()  # a WebSocket link has no abort
+            dropped += 1
+        self.driver.close()  # heartbeats and push retries of the dead sessions: gone
+        return dropped
+
     @property
     def connections(self) -> int:
         """Client connections open now (TCP and WebSocket)."""
@@ -321,7 +383,9 @@ class Gateway:
             self.driver.rearm()
             self.closes[link.close_code] += 1
             route = conn.route
-            if route is not None and self.routes.unbind(route) is UnbindResult.GRACE:
+            if route is None or self.aborted:
+                pass  # a dead process unbinds nothing
+            elif self.routes.unbind(route) is UnbindResult.GRACE:
                 self._parked[route.uid, route.device] = (conn_id, session)
 
     def _authenticate(self, token: str, device: str) -> str:
@@ -389,6 +453,8 @@ class Gateway:
         """Bind the route (fenced by a fresh epoch); kick the connection it replaces."""
         session = conn.session
         assert session is not None
+        if self.aborted:
+            return  # a login racing abort(): the dead process binds nothing
         route = Route(
             uid=started.uid,
             device=started.device,
@@ -476,7 +542,7 @@ class Gateway:
                         shared_frames = [encode(f, max_frame_size=size) for f in frames]
                     _send_shared(tcp, shared_frames)
             if payload.ticket is not None:
-                payload.ticket.finish()
+                payload.ticket.finish(self.id)
         elif isinstance(payload, Signals):
             for route, notify in payload.items:
                 conn = conns.get(route.conn_id)
@@ -489,12 +555,46 @@ class Gateway:
         """Envelopes were lost: tell every client what exists, so it syncs the rest."""
         self.lagged += 1
         for conn in list(self.conns.values()):
-            session = conn.session
-            if session is None or not session.uid:
+            self._resync(conn)
+
+    def _resync(self, conn: _Conn) -> None:
+        """Tell one client the last seq of each of its conversations (it syncs the gaps)."""
+        session = conn.session
+        if session is None or not session.uid:
+            return
+        entries = self.logic.resync_entries(session.uid)
+        for i in range(0, len(entries), 1000):
+            self._emit(conn, [Notify(entries=tuple(entries[i : i + 1000]))])
+
+    def _rebind(self) -> int:
+        """Bind again the routes parked while discovery had forgotten this live gateway.
+
+        Its reports came late (a stalled process, a registry hiccup), so the
+        cluster took it for dead and parked its routes; its connections are still
+        up. Each route that is still this connection's (parked, or expired and not
+        bound elsewhere since) is bound with a fresh epoch, and the client is told
+        to resync what it missed meanwhile. A device that logged in elsewhere in
+        between keeps its newer route. O(connections).
+        """
+        n = 0
+        for conn in list(self.conns.values()):
+            route = conn.route
+            if route is None:
                 continue
-            entries = self.logic.resync_entries(session.uid)
-            for i in range(0, len(entries), 1000):
-                self._emit(conn, [Notify(entries=tuple(entries[i : i + 1000]))])
+            binding = self.routes.get(route.uid, route.device)
+            if binding is not None and (binding.route != route or binding.live):
+                continue  # still live here, or the device moved on
+            fresh = attrs.evolve(route, epoch=self.routes.new_epoch())
+            try:
+                if not self.routes.bind(fresh).accepted:
+                    continue
+            except CapacityError:
+                continue
+            conn.route = fresh
+            self._resync(conn)
+            n += 1
+        self.rebound += n
+        return n
 
     async def _report(self) -> None:
         """Heartbeat discovery with the load: connections and this process's CPU share."""
@@ -509,10 +609,11 @@ class Gateway:
                 alive = await self.registry.heartbeat(
                     self.id, connections=self.connections, cpu=cpu
                 )
-                if not alive:
+                if not alive:  # discovery took us for dead: come back, routes too
                     await self.registry.register(
                         attrs.evolve(self._info, connections=self.connections, cpu=cpu)
                     )
+                    self._rebind()
             except ImkitError:
                 logger.warning("gateway %s could not report its load", self.id)
 

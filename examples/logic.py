@@ -46,7 +46,10 @@ Policies
     * A sync answer stays below ``sync_budget`` bytes: what does not fit is
       announced with ``more=True`` and fetched by the client's follow-up sync.
     * Merged fan-outs complete when every gateway has written them (a ticket) or
-      after ``fanout_timeout_ms``, so a lost envelope never wedges a group.
+      after ``fanout_timeout_ms``, so a lost envelope never wedges a group. A
+      gateway's part completes at once when the bus says nobody took the envelope
+      (no subscriber on its route key: the gateway died; or its inbox overflowed:
+      it resyncs), so a dead gateway does not hold a big group's merger slots.
 
 What it leaves out
     Several logic processes (they would share the store, the route table and a
@@ -130,8 +133,9 @@ DEFAULT_MAX_SYNC_PAGES = 1000
 #: Devices whose per-conversation cursors are remembered (LRU); a forgotten device
 #: just syncs from 0 (correct, more bytes). ~100 bytes per cursor.
 DEFAULT_MAX_DEVICES = 100_000
-#: A merged fan-out that no gateway confirmed (an envelope lost to a lagging
-#: subscriber) frees its merger slot after this long.
+#: A merged fan-out that some gateway took but never confirmed (it died with the
+#: envelope queued) frees its merger slot after this long. (An envelope nobody
+#: took -- a gateway with no bus subscription -- frees its part at once.)
 DEFAULT_FANOUT_TIMEOUT_MS = 5_000
 
 
@@ -168,17 +172,28 @@ class FanoutTicket:
     """Completion of one fan-out published to several gateways: ``on_done`` once all finish.
 
     Each gateway calls :meth:`finish` after writing the envelope to its clients;
-    :meth:`finish_all` (a timeout) completes it regardless. O(1) each.
+    :meth:`finish_all` (a timeout) completes it regardless. Built with
+    ``gateways``, the ticket counts each named gateway once and ignores others
+    (so a gateway confirming and the logic server giving up on it never count
+    twice); built without, every :meth:`finish` counts. O(1) each.
     """
 
-    __slots__ = ("_on_done", "remaining")
+    __slots__ = ("_on_done", "pending", "remaining")
 
-    def __init__(self, remaining: int, on_done: Callable[[], object]) -> None:
+    def __init__(
+        self, remaining: int, on_done: Callable[[], object], gateways: Iterable[str] = ()
+    ) -> None:
         self.remaining = remaining
+        self.pending: set[str] | None = set(gateways) or None  # None: not tracked by id
         self._on_done: Callable[[], object] | None = on_done
 
-    def finish(self) -> None:
-        """One gateway is done."""
+    def finish(self, gateway: str | None = None) -> None:
+        """One gateway is done (``gateway``: which one, for a ticket built with ids)."""
+        pending = self.pending
+        if pending is not None and gateway is not None:
+            if gateway not in pending:
+                return  # already counted, or not one of this ticket's gateways
+            pending.discard(gateway)
         self.remaining -= 1
         if self.remaining <= 0:
             self.finish_all()
@@ -231,6 +246,7 @@ class LogicStats:
         "refused",
         "sends",
         "syncs",
+        "unrouted",
     )
 
     def __init__(self) -> None:
@@ -242,6 +258,7 @@ class LogicStats:
         self.notifies = 0  # pull signals addressed
         self.syncs = 0
         self.receipts = 0
+        self.unrouted = 0  # envelopes no gateway took (not subscribed, or its inbox full)
 
     def as_dict(self) -> dict[str, int]:
         """Every counter by name."""
@@ -319,6 +336,9 @@ class Logic:
         self._cursors: collections.OrderedDict[tuple[str, str], dict[str, int]] = (
             collections.OrderedDict()
         )
+        # merged fan-outs not yet completed (insertion-ordered set); one per merger
+        # slot in flight, so bounded by the merger (groups x merge_inflight)
+        self._open: dict[FanoutTicket, None] = {}
         self._closed = False
 
     def close(self) -> None:
@@ -410,20 +430,41 @@ class Logic:
             if not by_gateway:
                 on_done()
                 return
-            ticket = FanoutTicket(len(by_gateway), on_done)
-            self._loop.call_later(self.config.fanout_timeout_ms / 1000, ticket.finish_all)
+            finished = on_done
+
+            def completed() -> None:
+                self._open.pop(opened, None)
+                finished()
+
+            ticket = opened = FanoutTicket(len(by_gateway), completed, by_gateway)
+            self._open[opened] = None
+            self._loop.call_later(self.config.fanout_timeout_ms / 1000, opened.finish_all)
         for gateway, routes in by_gateway.items():
             self.stats.pushes += len(routes) * len(pushes)
             self._publish(gateway, Deliver(targets=tuple(routes), pushes=pushes, ticket=ticket))
 
     def _publish(self, gateway: str, payload: BusPayload) -> None:
         self.stats.envelopes += 1
+        ticket = payload.ticket if isinstance(payload, Deliver) else None
         try:
-            self.bus.publish_nowait(gateway, payload)
+            result = self.bus.publish_nowait(gateway, payload)
         except ImkitError:  # a REJECT subscriber is full: its clients resync on reconnect
             logger.warning("bus refused an envelope for %s", gateway)
-            if isinstance(payload, Deliver) and payload.ticket is not None:
-                payload.ticket.finish()
+            if ticket is not None:
+                ticket.finish(gateway)
+            return
+        if result.delivered == 0:
+            # Nobody will write (and so confirm) this envelope: the gateway is gone (no
+            # subscriber on its route key) or its inbox overflowed (it gets a Lagged
+            # marker and resyncs its clients). The messages are stored, so its devices
+            # sync when they reconnect; free this gateway's part of the ticket now
+            # rather than at fanout_timeout_ms. A slow gateway is still subscribed and
+            # queues the envelope (delivered == 1), so it is waited for as before.
+            # call_soon: never complete a ticket (and release the next batch) from
+            # inside the publish loop that is still using it.
+            self.stats.unrouted += 1
+            if ticket is not None:
+                self._loop.call_soon(ticket.finish, gateway)
 
     # -- merged pushes and pull signals ----------------------------------------------------
 
@@ -439,6 +480,19 @@ class Logic:
             else:  # the queue overflowed: members pull up to last_seq
                 self._signal(members, group, r.last_seq)
                 self._merge_done(group)
+
+    def gateway_gone(self, gateway: str) -> int:
+        """``gateway`` died (discovery lost it): complete its part of every open fan-out.
+
+        Envelopes that were queued for it when it died will never be confirmed;
+        without this its groups would wait ``fanout_timeout_ms``. Its devices sync
+        from the store when they reconnect. Returns the tickets it was holding.
+        O(open fan-outs), at most ``merge_inflight`` per group.
+        """
+        held = [t for t in self._open if t.pending is not None and gateway in t.pending]
+        for ticket in held:
+            ticket.finish(gateway)
+        return len(held)
 
     def _merge_done(self, group: str) -> None:
         if not self._closed:

@@ -12,10 +12,14 @@ from typing import Any
 
 import attrs
 import pytest
+from examples.cluster import Cluster
+from examples.faultproxy import kill_gateway
 from examples.gateway import GatewayConfig
+from examples.logic import BusPayload, Deliver, LogicConfig
 from examples.probe import RawClient
 
 from imkit.aio import Client
+from imkit.bus import PublishResult
 from imkit.policy import HeartbeatPolicy
 from imkit.protocol import ErrorCode, Kick, Send
 from imkit.session import Kicked, ServerConfig, SessionEvent
@@ -181,7 +185,6 @@ class TestProtocolAbuse:
         assert last == 0
 
 
-
 class TestBusLag:
     def test_a_lagging_gateway_makes_its_clients_resync_and_nothing_is_lost(self) -> None:
         """A bus inbox of 2 overflows under a burst: clients are told to sync and get all 100."""
@@ -228,3 +231,156 @@ class TestLoadReports:
                 return result
 
         assert run(main) == {"gw-1": 2, "gw-2": 0}
+
+
+# --- a gateway dies while a big group is receiving ------------------------------------------
+
+ROOM = ["alice", "bob", "carol", "dave", "erin"]
+#: merged read fan-out for ROOM (5 members > 2), and a fan-out timeout far beyond the
+#: test's bound: only an early release of the dead gateway's part lets messages through
+MERGED = LogicConfig(write_fanout_max=2, fanout_timeout_ms=60_000)
+
+
+async def room_on_three(cluster: Cluster) -> tuple[Client, list[Client], list[Client]]:
+    """The sender and bob on gw-1, dave on gw-2, carol and erin only on gw-3 (the victim)."""
+    cluster.store.create_group("room", ROOM)
+    gw1, gw2, gw3 = cluster.endpoints()
+    alice = make_client(cluster, "alice", endpoints=[gw1])
+    others = [
+        make_client(cluster, "bob", endpoints=[gw1]),
+        make_client(cluster, "dave", endpoints=[gw2]),
+    ]
+    victims = [make_client(cluster, u, endpoints=[gw3]) for u in ("carol", "erin")]
+    await online(alice, *others, *victims)
+    return alice, others, victims
+
+
+async def receive_all(clients: list[Client], n: int) -> list[list[bytes]]:
+    """The next ``n`` room messages of each client, then one more (it must be ``end``)."""
+    got = await asyncio.gather(*(take(c, n + 1, "room") for c in clients))
+    return [[p.body for p in pushes] for pushes in got]
+
+
+class TestGatewayKilled:
+    def test_a_dead_gateway_does_not_hold_the_groups_merger_slots(self) -> None:
+        """gw-3 dies: its envelopes find no subscriber, so its ticket parts complete at once."""
+
+        async def main() -> tuple[list[list[bytes]], int, int, int, bool]:
+            async with running(config(gateways=3, logic=MERGED)) as cluster:
+                alice, others, victims = await room_on_three(cluster)
+                await asyncio.gather(*(alice.send_nowait("room", b"a%d" % i)[1] for i in range(30)))
+                await asyncio.gather(*(take(c, 30, "room") for c in (*others, *victims)))
+                await wait_until(lambda: cluster.logic.merger.inflight("room") == 0)
+                dropped = await kill_gateway(cluster.gateways[2])
+                sent = [alice.send_nowait("room", b"b%d" % i)[1] for i in range(100)]
+                await asyncio.gather(*sent)
+                await alice.send("room", b"end")
+                got = await receive_all(others, 100)
+                await wait_until(lambda: cluster.logic.merger.inflight("room") == 0)
+                # the registry's TTL (15 s) has not passed: the dead routes are still bound
+                still_bound = all(
+                    r.gateway == "gw-3" for u in ("carol", "erin") for r in cluster.routes.lookup(u)
+                ) and bool(cluster.routes.lookup("carol"))
+                for c in (alice, *others, *victims):
+                    await c.close()
+                unrouted = cluster.logic.stats.unrouted
+                return got, dropped, unrouted, cluster.gateways_lost, still_bound
+
+        got, dropped, unrouted, lost, still_bound = run(main, timeout_s=45)
+        expected = [b"b%d" % i for i in range(100)] + [b"end"]
+        for bodies in got:
+            assert bodies == expected  # every message once, in order, well before 60 s
+        assert dropped == 2
+        assert unrouted >= 1  # envelopes for gw-3 found no subscriber
+        assert lost == 0 and still_bound  # released by the bus result, not by discovery
+
+    def test_a_gateway_killed_mid_stream_is_reaped_after_the_registry_ttl(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Killed with a fan-out queued for it: others get all; after the TTL its routes go."""
+        gateway = GatewayConfig(server=FAST_SERVER, report_interval_ms=100)
+        cfg = config(
+            gateways=3, logic=MERGED, gateway=gateway, discovery_ttl_ms=600, grace_ms=300
+        )
+        n = 200
+
+        async def main() -> tuple[list[list[bytes]], int, bool, bool, int, int]:
+            async with running(cfg) as cluster:
+                alice, others, victims = await room_on_three(cluster)
+                victim = cluster.gateways[2]
+                publish = cluster.bus.publish_nowait
+                held: list[int] = []
+
+                def publish_then_die(subject: str, payload: BusPayload) -> PublishResult:
+                    # gw-3 dies right after a merged fan-out was queued for it (a
+                    # ticket it never confirms): only the reaper can release it
+                    result = publish(subject, payload)
+                    armed = cluster.store.last_seq("room") > 60 and not victim.aborted
+                    ticket = payload.ticket if isinstance(payload, Deliver) else None
+                    if armed and subject == "gw-3" and ticket is not None and result.delivered:
+                        victim.abort_nowait()
+                        held.append(1)
+                    return result
+
+                monkeypatch.setattr(cluster.bus, "publish_nowait", publish_then_die)
+                receiving = asyncio.create_task(receive_all(others, n))
+                acks = []
+                for i in range(n):
+                    acks.append(alice.send_nowait("room", b"m%d" % i)[1])
+                    if i % 10 == 0:
+                        await asyncio.sleep(0.005)
+                await asyncio.gather(*acks)
+                await alice.send("room", b"end")
+                got = await receiving
+                await victim.abort()  # (already dead: waits for its tasks to unwind)
+                await wait_until(lambda: cluster.logic.merger.inflight("room") == 0)
+                await wait_until(lambda: cluster.gateways_lost >= 1)
+                await wait_until(
+                    lambda: all(cluster.routes.get(u, "phone") is None for u in ("carol", "erin"))
+                )
+                alive = all(cluster.routes.lookup(u) for u in ("alice", "bob", "dave"))
+                left = any(
+                    r.gateway == "gw-3"
+                    for u in cluster.store.members("room")
+                    for r in cluster.routes.lookup(u)
+                )
+                lost = cluster.gateways_lost
+                for c in (alice, *others, *victims):
+                    await c.close()
+                return got, lost, alive, left, cluster.routes.expired, len(held)
+
+        got, lost, alive, left, expired, kills = run(main, timeout_s=45)
+        assert kills == 1  # it died with an unconfirmed fan-out queued
+        expected = [b"m%d" % i for i in range(n)] + [b"end"]
+        for bodies in got:
+            assert bodies == expected
+        assert lost == 1  # only the dead one: the others report every 100 ms, TTL 600 ms
+        assert alive and not left
+        assert expired >= 2  # carol's and erin's routes expired after their grace
+
+    def test_a_gateway_discovery_forgot_binds_its_routes_back(self) -> None:
+        """A live gateway dropped from the registry re-registers; its clients get pushes again."""
+        gateway = GatewayConfig(server=FAST_SERVER, report_interval_ms=100)
+        cfg = config(gateways=2, gateway=gateway, discovery_ttl_ms=600)
+
+        async def main() -> tuple[list[bytes], int, bool]:
+            async with running(cfg) as cluster:
+                gw1, gw2 = cluster.endpoints()
+                alice = make_client(cluster, "alice", endpoints=[gw1])
+                bob = make_client(cluster, "bob", endpoints=[gw2])
+                await online(alice, bob)
+                await cluster.registry.deregister("gw-2")  # as if its reports came late
+                await cluster.reap_gateways()
+                parked = not cluster.routes.lookup("bob")
+                gw = cluster.gateways[1]
+                await wait_until(lambda: gw.rebound >= 1)
+                await alice.send("team", b"after")
+                got = await take(bob, 1, "team")
+                for c in (alice, bob):
+                    await c.close()
+                return [p.body for p in got], cluster.gateways_lost, parked
+
+        got, lost, parked = run(main)
+        assert parked  # the cluster took gw-2 for dead and parked bob's route
+        assert lost >= 1
+        assert got == [b"after"]  # bound back: bob is pushed to again
