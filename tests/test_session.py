@@ -480,6 +480,44 @@ class TestServerDownstream:
         assert s.session.stats.pushes_abandoned == 1
         assert s.session.stats.pushes_retried == 2
 
+    def test_a_client_that_acks_nothing_is_cut_at_give_up(self) -> None:
+        """No ack during a push's whole retry schedule: kicked SLOW_CONSUMER, not notified."""
+        s = Server(ServerConfig(push_retry=RETRY))
+        s.login()
+        s.session.push(push("c", 1), 0)
+        assert s.session.config.push_give_up_ms == 700  # 100 + 200 + 400
+        s.advance(100)
+        s.advance(200)
+        out = s.advance(400)
+        kicks = only(out, Kick)
+        assert [k.code for k in kicks] == [ErrorCode.SLOW_CONSUMER]
+        assert not only(out, Notify)
+        assert s.session.state is ServerState.CLOSED
+        assert s.session.stats.unresponsive_kicks == 1
+
+    def test_an_ack_after_the_first_send_keeps_the_client(self) -> None:
+        """A client that acked something since the push went out is notified, not cut."""
+        s = Server(ServerConfig(push_retry=RETRY))
+        s.login()
+        s.session.push(push("c", 1), 0)
+        s.advance(50)
+        s.session.push(push("d", 1), s.now)
+        s.recv(PushAck(conv="d", seq=1))  # reads, but lost the ack of c:1
+        s.advance(50)
+        s.advance(200)
+        out = s.advance(400)
+        assert out == [Notify(entries=(("c", 1),))]
+        assert s.session.stats.unresponsive_kicks == 0
+
+    def test_kick_unresponsive_can_be_turned_off(self) -> None:
+        """With kick_unresponsive=False an unresponsive client only gets the Notify."""
+        s = Server(ServerConfig(push_retry=RETRY, kick_unresponsive=False))
+        s.login()
+        s.session.push(push("c", 1), 0)
+        for dt in (100, 200, 400):
+            out = s.advance(dt)
+        assert out == [Notify(entries=(("c", 1),))]
+
     def test_tracked_push_not_resent(self) -> None:
         """A push already tracked is not sent again by push()."""
         s = Server()
@@ -546,7 +584,8 @@ class ServerTrackingMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.s = Server(
-            ServerConfig(push_retry=RETRY, max_tracked_pushes=10_000,
+            # the tracking model: abandonment always leads to a Notify here
+            ServerConfig(push_retry=RETRY, max_tracked_pushes=10_000, kick_unresponsive=False,
                          heartbeat=HeartbeatPolicy(interval_ms=10**8))
         )
         self.s.login()
@@ -1084,6 +1123,47 @@ TestClientDeliveryMachine = ClientDeliveryMachine.TestCase
 TestClientDeliveryMachine.settings = settings(
     max_examples=100, stateful_step_count=40, deadline=None
 )
+
+
+class TestWindowEviction:
+    def test_an_evicted_conversation_resumes_after_its_cursor(self) -> None:
+        """A conversation whose window was evicted never delivers an old message again."""
+        c = Client(max_conversations=2)
+        c.connect()
+        c.recv(LoginAck(uid="alice", session="s"))
+        delivered: list[tuple[str, int]] = []
+        for conv in ("a", "b", "c", "a"):  # "c" evicts "a"; "a" comes back with seq 1 again
+            out = c.recv(push(conv, 1)) + c.recv(push(conv, 2))
+            delivered += [(e.push.conv, e.push.seq) for e in only(out, MessageReceived)]
+            c.c._check()
+        assert delivered == [("a", 1), ("a", 2), ("b", 1), ("b", 2), ("c", 1), ("c", 2)]
+        assert c.c.stats.windows_evicted >= 1
+
+    def test_cursors_are_bounded(self) -> None:
+        """Past max_cursors the oldest evicted cursor is forgotten and counted."""
+        c = Client(max_conversations=1, max_cursors=2)
+        c.connect()
+        c.recv(LoginAck(uid="alice", session="s"))
+        for conv in ("a", "b", "c", "d"):
+            c.recv(push(conv, 1))
+            c.c._check()
+        assert c.c.stats.cursors_forgotten == 1
+
+
+class TestRetryHints:
+    def test_a_huge_retry_after_is_clamped(self) -> None:
+        """A server hint of 2**63 - 1 ms neither crashes the client nor parks it for ever."""
+        from imkit.session._client import MAX_RETRY_HINT_MS
+
+        c = Client()
+        c.connect()
+        huge = 2**63 - 1
+        c.recv(Error(code=ErrorCode.RATE_LIMITED, retry_after_ms=huge))
+        deadline = c.c.next_deadline_ms()
+        assert deadline is not None and deadline <= c.now + MAX_RETRY_HINT_MS
+        c.recv(Kick(code=ErrorCode.SERVER_BUSY, retry_after_ms=huge))
+        assert c.c.reconnect_delay_ms() == MAX_RETRY_HINT_MS
+        c.c._check()
 
 
 class TestClientFuzz:

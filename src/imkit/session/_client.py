@@ -97,6 +97,11 @@ DEFAULT_RECONNECT = Backoff(base_ms=500, cap_ms=30_000)
 #: Conversations with a SeqWindow: WeChat caps contacts at 10 000 and groups at a few
 #: hundred; past it an idle window is evicted (pass ``cursor_loader`` to restore it).
 DEFAULT_MAX_CONVERSATIONS = 10_000
+#: Cursors (conversation -> contiguous seq) of evicted windows, so a conversation that
+#: comes back resumes where it was instead of at 0 (which would deliver old messages
+#: twice). An int per conversation (~100 bytes): ten windows' worth per window slot.
+#: Past it the oldest cursor is forgotten (counted): pass ``cursor_loader`` for more.
+DEFAULT_MAX_CURSORS = 100_000
 #: Messages held per conversation while a gap is open (SeqWindow ``max_pending``):
 #: ten sync pages. Past it pushes are left unacknowledged and fetched by sync.
 DEFAULT_MAX_HELD = 1024
@@ -114,6 +119,11 @@ DEFAULT_SYNC_TIMEOUT_MS = 10_000
 DEFAULT_MAX_SYNC_CONVS = 200
 #: Login must be answered within 10 s of connecting, else the connection is dead.
 DEFAULT_LOGIN_TIMEOUT_MS = 10_000
+
+#: A server's retry_after_ms hint is honoured up to 15 minutes: longer than any
+#: sane maintenance pause, short enough that a buggy or hostile hint cannot park a
+#: client for days (or overflow its timers: the wire allows up to 2**63 - 1 ms).
+MAX_RETRY_HINT_MS = 15 * 60_000
 
 #: ``cursor_loader(conv) -> seq``: the last seq of ``conv`` the application holds
 #: (0 if none); called when the session starts tracking a conversation.
@@ -158,6 +168,7 @@ class ClientStats:
     """Counters of a client session: every "ignored and counted" case lands here."""
 
     __slots__ = (
+        "cursors_forgotten",
         "duplicate_pushes",
         "frames_ignored",
         "pushes_dropped",
@@ -189,6 +200,7 @@ class ClientStats:
     unknown_acks: int
     unexpected_frames: int
     windows_evicted: int
+    cursors_forgotten: int
 
 
 class _Outgoing:
@@ -247,6 +259,7 @@ class ClientSession:
         max_sync_convs: int = DEFAULT_MAX_SYNC_CONVS,
         login_timeout_ms: int = DEFAULT_LOGIN_TIMEOUT_MS,
         cursor_loader: CursorLoader | None = None,
+        max_cursors: int = DEFAULT_MAX_CURSORS,
         rng: random.Random | None = None,
     ) -> None:
         for name, value in (
@@ -254,6 +267,7 @@ class ClientSession:
             ("max_queued", max_queued),
             ("max_cid_span", max_cid_span),
             ("max_conversations", max_conversations),
+            ("max_cursors", max_cursors),
             ("max_held", max_held),
             ("sync_limit", sync_limit),
             ("sync_timeout_ms", sync_timeout_ms),
@@ -309,6 +323,8 @@ class ClientSession:
         self._max_sync_convs = max_sync_convs
         self._login_timeout_ms = login_timeout_ms
         self._cursor_loader = cursor_loader
+        self._max_cursors = max_cursors
+        self._cursors: dict[str, int] = {}  # evicted windows' contiguous seqs, oldest first
         self._queue: deque[Send] = deque()
         self._in_flight: dict[int, _Outgoing] = {}
         self._windows: dict[str, SeqWindow[Push]] = {}
@@ -725,7 +741,7 @@ class ClientSession:
         out.append(ReceiptReceived(receipt=m))
 
     def _on_kick(self, m: Kick, now_ms: int, out: list[Output]) -> None:
-        self._retry_hint_ms = max(0, m.retry_after_ms)
+        self._retry_hint_ms = min(max(0, m.retry_after_ms), MAX_RETRY_HINT_MS)
         self._go(ClientTrigger.CONNECTION_LOST)
         self._drop_connection()
         out.append(
@@ -742,7 +758,7 @@ class ClientSession:
         out.append(ServerError(code=m.code, reason=m.reason, retry_after_ms=m.retry_after_ms))
         if m.code in (ErrorCode.RATE_LIMITED, ErrorCode.QUOTA_EXCEEDED) and m.retry_after_ms > 0:
             # hold new sends and due retries until the server is ready again
-            until = now_ms + m.retry_after_ms
+            until = now_ms + min(m.retry_after_ms, MAX_RETRY_HINT_MS)
             if until > self._hold_until_ms:
                 self._hold_until_ms = until
                 if self._hold_handle is None:
@@ -750,7 +766,7 @@ class ClientSession:
                 else:
                     self._hold_handle.reschedule(until)
         elif m.code in (ErrorCode.SERVER_BUSY, ErrorCode.SHUTDOWN):
-            self._retry_hint_ms = max(0, m.retry_after_ms)
+            self._retry_hint_ms = min(max(0, m.retry_after_ms), MAX_RETRY_HINT_MS)
 
     # -- internals ---------------------------------------------------------------------
 
@@ -797,8 +813,13 @@ class ClientSession:
         w = self._windows.get(conv)
         if w is not None:
             return w
-        after = self._cursor_loader(conv) if self._cursor_loader is not None else 0
-        return self._new_window(conv, after, keep)
+        after = self._cursors.get(conv, 0)
+        if self._cursor_loader is not None:
+            after = max(after, self._cursor_loader(conv))
+        w = self._new_window(conv, after, keep)
+        if w is not None:
+            self._cursors.pop(conv, None)
+        return w
 
     def _new_window(
         self, conv: str, after: int, keep: Container[str] = ()
@@ -820,12 +841,22 @@ class ClientSession:
             )
             if victim is None:
                 return None
-            del windows[victim]
+            self._remember(victim, windows.pop(victim).contiguous)
             self.stats.windows_evicted += 1
         # one slot above max_held: room for the message that closes a gap (see _offer)
         w: SeqWindow[Push] = SeqWindow(after, max_pending=self._max_held + 1)
         windows[conv] = w
         return w
+
+    def _remember(self, conv: str, contiguous: int) -> None:
+        """Keep an evicted window's cursor (bounded: the oldest is forgotten). O(1)."""
+        cursors = self._cursors
+        if contiguous <= 0:
+            return
+        if conv not in cursors and len(cursors) >= self._max_cursors:
+            del cursors[next(iter(cursors))]
+            self.stats.cursors_forgotten += 1
+        cursors[conv] = contiguous
 
     def _watch_gap(self, conv: str, w: SeqWindow[Push], now_ms: int) -> None:
         h = self._gap.get(conv)
@@ -993,6 +1024,10 @@ class ClientSession:
         def fail(msg: str) -> None:
             raise AssertionError(f"ClientSession {self.device}: {msg}")
 
+        if len(self._cursors) > self._max_cursors:
+            fail(f"{len(self._cursors)} cursors > max_cursors {self._max_cursors}")
+        if any(c in self._windows for c in self._cursors):
+            fail("a conversation has both a window and an evicted cursor")
         connected = self._live
         cids = list(self._in_flight)
         if cids != sorted(cids):

@@ -152,8 +152,14 @@ class ServerConfig:
     quota_retry_ms: int = DEFAULT_QUOTA_RETRY_MS
     max_syncs_in_flight: int = DEFAULT_MAX_SYNCS_IN_FLIGHT
     max_sync_limit: int = DEFAULT_MAX_SYNC_LIMIT
+    #: cut (SLOW_CONSUMER) a client that acknowledged nothing during a push's whole
+    #: retry schedule: it keeps the link alive (pings) but does not read, and the
+    #: kernel's socket buffer can hide that from the write-buffer limit for a long time
+    kick_unresponsive: bool = True
     #: derived: ``push_retry.delay_ms(0)``, computed once (the per-push path reads it)
     first_push_retry_ms: int = attrs.field(init=False, default=0)
+    #: derived: from a push's first send to its abandonment, the whole retry schedule
+    push_give_up_ms: int = attrs.field(init=False, default=0)
 
     def __attrs_post_init__(self) -> None:
         for name in (
@@ -172,6 +178,9 @@ class ServerConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         object.__setattr__(self, "first_push_retry_ms", self.push_retry.delay_ms(0))
+        attempts = self.push_retry.max_attempts or 0
+        span = sum(self.push_retry.delay_ms(a) for a in range(attempts + 1))
+        object.__setattr__(self, "push_give_up_ms", span)
         if self.quota_retry_ms < 0:
             raise ConfigError(f"quota_retry_ms must be >= 0, got {self.quota_retry_ms}")
         if not 0 < self.reconnect_min_ms <= self.reconnect_max_ms:
@@ -200,6 +209,7 @@ class ServerStats:
         "refused_frames",
         "slow_consumer_kicks",
         "stale_sends",
+        "unresponsive_kicks",
     )
 
     def __init__(self) -> None:
@@ -230,6 +240,7 @@ class ServerStats:
     refused_frames: int
     slow_consumer_kicks: int
     stale_sends: int
+    unresponsive_kicks: int
 
 
 class ServerTimer:
@@ -298,6 +309,7 @@ class ServerSession:
         "_cids",
         "_convs",
         "_highest",
+        "_last_ack_ms",
         "_last_rx_ms",
         "_last_violation_ms",
         "_limited_until_ms",
@@ -341,6 +353,7 @@ class ServerSession:
         self.uid = ""
         self.device = ""
         self._last_rx_ms = now_ms
+        self._last_ack_ms = now_ms - 1  # the last PushAck accepted: none yet
         self._liveness = wheel.add(now_ms + cfg.login_timeout_ms, _Liveness(self))
         self._bucket: TokenBucket | None = None
         # the structures below are created on first use and dropped when empty,
@@ -528,6 +541,7 @@ class ServerSession:
             self._untrack(f)
         if not seqs:
             self._forget_conv(conv)
+        self._last_ack_ms = now_ms
         return [PushAcked(conv=conv, seq=s, cumulative=m.cumulative)]
 
     def _on_sync(self, m: SyncRequest, now_ms: int) -> list[Output]:
@@ -766,8 +780,14 @@ class ServerSession:
         if self.state is not ServerState.ACTIVE or f.live == 0 or convs is None:
             return []
         live = [p for p in f.pushes if convs.get(p.conv, _NO_SEQS).get(p.seq) is f]
-        retry = self._cfg.push_retry
+        cfg = self._cfg
+        retry = cfg.push_retry
         if retry.exhausted(f.attempts):
+            if cfg.kick_unresponsive and self._last_ack_ms < now_ms - cfg.push_give_up_ms:
+                # Nothing acknowledged since this push first went out: not reading.
+                self.stats.pushes_abandoned += len(live)
+                self.stats.unresponsive_kicks += 1
+                return self._kick(ErrorCode.SLOW_CONSUMER, "pushes unacknowledged")
             entries: dict[str, int] = {}
             for p in live:
                 seqs = convs[p.conv]
