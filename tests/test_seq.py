@@ -361,7 +361,7 @@ class TestIdGenerator:
         a = g.next_id(E + 10_000)
         with pytest.raises(ClockRegression) as err:
             g.next_id(E + 9_899)
-        assert (err.value.now_ms, err.value.last_ms) == (E + 9_899, E + 10_000)
+        assert (err.value.wall_ms, err.value.last_ms) == (E + 9_899, E + 10_000)
         assert g.next_id(E + 9_900) > a
         g._check()
 

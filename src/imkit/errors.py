@@ -145,13 +145,13 @@ class TimeWentBackwards(ImkitError, ValueError):
 class ClockRegression(ImkitError):
     """The id generator's clock stepped back further than it is allowed to wait out."""
 
-    def __init__(self, now_ms: int, last_ms: int) -> None:
-        super().__init__(now_ms, last_ms)
-        self.now_ms = now_ms
+    def __init__(self, wall_ms: int, last_ms: int) -> None:
+        super().__init__(wall_ms, last_ms)
+        self.wall_ms = wall_ms
         self.last_ms = last_ms
 
     def __str__(self) -> str:
-        return f"clock went back from {self.last_ms} to {self.now_ms} ms"
+        return f"clock went back from {self.last_ms} to {self.wall_ms} ms"
 
 
 # --- protocol -------------------------------------------------------------------

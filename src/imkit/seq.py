@@ -11,8 +11,9 @@
   milliseconds since an epoch, 10 bits of node, 12 bits of counter; strictly
   increasing per generator, roughly time-ordered across nodes.
 
-Floor 1: no clock and no I/O. Time comes in as ``now_ms``; persistence comes in as a
-:class:`CeilingStore` (any object with ``load`` and ``save``). Neither class is
+Floor 1: no clock and no I/O. Ids need the wall clock (Unix ms), which comes in as
+``wall_ms`` (imkit says ``now_ms`` only for a caller's monotonic clock); persistence
+comes in as a :class:`CeilingStore` (any object with ``load`` and ``save``). Neither class is
 thread-safe: each belongs to one owner (one logic shard per conversation, one
 generator per node).
 
@@ -313,7 +314,7 @@ def parse_id(msg_id: int, *, epoch_ms: int = DEFAULT_EPOCH_MS) -> IdParts:
 class IdGenerator:
     """Snowflake-style 64-bit message ids, strictly increasing per generator.
 
-    ``id = (now_ms - epoch_ms) << 22 | node << 12 | counter``. Ids of one generator
+    ``id = (wall_ms - epoch_ms) << 22 | node << 12 | counter``. Ids of one generator
     strictly increase; ids of different nodes sort by time to the millisecond.
 
     * More than 4096 ids in one ms: the counter wraps and the generator borrows the
@@ -373,19 +374,19 @@ class IdGenerator:
         """Unix ms of id time 0. O(1)."""
         return self._epoch_ms
 
-    def next_id(self, now_ms: int) -> int:
+    def next_id(self, wall_ms: int) -> int:
         """A new id, larger than every id this generator issued. O(1).
 
-        ``now_ms`` is the wall clock in Unix ms. Raises ClockRegression if it is more
-        than ``max_regression_ms`` behind the latest ``now_ms`` seen, ConfigError if it
+        ``wall_ms`` is the wall clock in Unix ms. Raises ClockRegression if it is more
+        than ``max_regression_ms`` behind the latest ``wall_ms`` seen, ConfigError if it
         is not an int or before the epoch, SeqError past the 41-bit time range.
         """
-        if type(now_ms) is int:
-            t = now_ms - self._epoch_ms
+        if type(wall_ms) is int:
+            t = wall_ms - self._epoch_ms
             logical = self._t
             if t > logical:  # a new ms
                 if t > _MAX_T:
-                    raise SeqError(f"now_ms={now_ms} is past the 41-bit id time range")
+                    raise SeqError(f"wall_ms={wall_ms} is past the 41-bit id time range")
                 self._t = self._last_t = t
                 self._counter = 0
                 return t << _TIME_SHIFT | self._node
@@ -395,17 +396,17 @@ class IdGenerator:
                 if counter <= _MAX_COUNTER:
                     self._counter = counter
                     return logical << _TIME_SHIFT | self._node | counter
-        return self._next_slow(now_ms)
+        return self._next_slow(wall_ms)
 
-    def _next_slow(self, now_ms: int) -> int:
+    def _next_slow(self, wall_ms: int) -> int:
         # Same ms, a regression, or a logical clock running ahead of the wall clock.
-        if type(now_ms) is not int:
-            raise ConfigError(f"now_ms must be an int, got {now_ms!r}")
-        t = now_ms - self._epoch_ms
+        if type(wall_ms) is not int:
+            raise ConfigError(f"wall_ms must be an int, got {wall_ms!r}")
+        t = wall_ms - self._epoch_ms
         if t < 0:
-            raise ConfigError(f"now_ms={now_ms} is before epoch_ms={self._epoch_ms}")
+            raise ConfigError(f"wall_ms={wall_ms} is before epoch_ms={self._epoch_ms}")
         if t < self._last_t - self._max_regression_ms:
-            raise ClockRegression(now_ms, self._last_t + self._epoch_ms)
+            raise ClockRegression(wall_ms, self._last_t + self._epoch_ms)
         self._last_t = max(self._last_t, t)
         counter = self._counter + 1
         t = self._t
