@@ -25,13 +25,20 @@ from __future__ import annotations
 
 import gc
 import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py`: make `examples` importable
+    sys.path.insert(0, str(ROOT))
+
+from examples.measure import machine  # noqa: E402
+
+__all__ = ["RESULTS", "Report", "Result", "fmt_rate", "machine", "measure", "quick"]
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -125,22 +132,6 @@ def fmt_rate(rate: float) -> str:
     if rate >= 1e3:
         return f"{rate / 1e3:.0f} k"
     return f"{rate:.0f}"
-
-
-def machine() -> str:
-    """One line describing the machine, for the results page."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()} "
-        f"({platform.python_implementation()}), {platform.system()} {platform.release()}"
-    )
 
 
 class Report:

@@ -23,9 +23,12 @@ Policies
 
 What it leaves out
     Revocation before expiry (a deny list), key rotation (accept a list of
-    secrets), and a real identity provider: in this reference system the launcher
-    hands out tokens from a development endpoint (``/dev/token``) to any
-    registered user. Do not expose that endpoint outside a development machine.
+    secrets), and a real identity provider: in this reference system the launcher,
+    started with ``--dev``, hands out tokens from a development endpoint
+    (``/dev/token``) to any registered user, for direct requests from its own
+    machine only (a request a proxy forwarded gets 403). Without ``--dev``, tokens
+    are minted with the shared secret (``IMKIT_SECRET``; the launcher never
+    prints it).
 """
 
 from __future__ import annotations

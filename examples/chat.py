@@ -39,12 +39,14 @@ import time
 import urllib.parse
 from collections.abc import Callable
 
-from examples.auth import Authenticator
 from imkit.aio import Client, ClientStatus, http_get_json
-from imkit.errors import BackendError, ConnectionClosed, HttpError, ImkitError, SendFailed
+from imkit.errors import BackendError, ConnectionClosed, HttpError, ImkitError, SendError
 from imkit.protocol import Push
 from imkit.session import Kicked, SessionEvent
 from imkit.store import direct_conv_id
+
+from . import command
+from .auth import Authenticator
 
 __all__ = ["DEFAULT_IPCONF", "fetch_token", "main"]
 
@@ -71,9 +73,12 @@ def _token_error(exc: HttpError) -> str:
         return str(exc)
     text = "".join(c if c.isprintable() else "?" for c in reason[:200])  # a peer's words
     if exc.status == 404:
-        return f"{text} (add it: python -m examples.cluster admin create-user NAME)"
+        return f"{text} (add it: {command('cluster')} admin create-user NAME)"
     if exc.status == 403:
-        return f"{text} (pass --secret HEX, the secret the launcher printed)"
+        return (
+            f"{text} (start the launcher with --dev, "
+            "or pass --secret HEX: the launcher's IMKIT_SECRET)"
+        )
     return f"{text} (HTTP {exc.status})"
 
 
@@ -154,7 +159,7 @@ async def run_chat(args: argparse.Namespace) -> int:
             for text in args.send:
                 seq = await client.send(conv, text.encode())
                 print(f"* sent to {conv} as #{seq}", flush=True)
-        except (SendFailed, ConnectionClosed) as exc:
+        except (SendError, ConnectionClosed) as exc:
             print(f"* not sent: {exc}", file=sys.stderr)
             failed.append(str(exc))
             done.set()
@@ -220,9 +225,9 @@ def _report_failure(fut: asyncio.Future[int]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m examples.chat``."""
     p = argparse.ArgumentParser(
-        prog="python -m examples.chat",
+        prog=command("chat"),
         description="Chat through the imkit reference system (start it with "
-        "`python -m examples.cluster`).",
+        f"`{command('cluster')} --dev`).",
     )
     p.add_argument("--user", required=True, help="who you are (e.g. alice)")
     p.add_argument("--to", help="chat 1:1 with this user")

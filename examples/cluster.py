@@ -4,7 +4,8 @@ What it does
     ``python -m examples.cluster`` (from the repository root) starts:
 
     * **ipconf** on port 7700: ``GET /gateways?uid=alice`` ranks the gateways;
-      ``GET /dev/token?uid=alice&device=cli`` hands out development login tokens;
+      with ``--dev`` (development mode, off by default),
+      ``GET /dev/token?uid=alice&device=cli`` hands out login tokens and
       ``POST /admin`` runs registry commands (see :func:`admin`);
     * ``--gateways N`` **gateways**, gateway *i* with TCP on 7710+i and its web page
       plus WebSocket on 7780+i;
@@ -30,7 +31,9 @@ Policies
     One process, one event loop; every limit is the blocks' documented default
     unless a ``ClusterConfig`` field overrides it. Login tokens are signed with a
     random secret per run (``--secret`` or ``IMKIT_SECRET`` to fix it), valid for
-    an hour. The development endpoints answer only the local machine.
+    an hour; the secret is never printed. The development endpoints (``--dev``)
+    answer only direct requests from the local machine: a request with a proxy's
+    forwarding header (``X-Forwarded-For``, ``Forwarded``, ``Via``...) gets 403.
 
 What it leaves out
     Several processes or machines (the same classes over Redis and NATS backends),
@@ -54,18 +57,25 @@ from typing import Any
 
 import attrs
 
-from examples.auth import DEFAULT_TOKEN_TTL_S, Authenticator, new_secret
-from examples.gateway import Gateway, GatewayConfig
-from examples.ipconf import IpConf
-from examples.logic import BusPayload, Logic, LogicConfig
-from examples.routes import RouteService
-from imkit.aio import MemoryBus, MemoryRegistry
+from imkit.aio import (
+    DEFAULT_MAX_PENDING_LOGINS,
+    DEFAULT_MAX_PER_ADDRESS,
+    MemoryBus,
+    MemoryRegistry,
+)
 from imkit.discovery import DEFAULT_TTL_MS
 from imkit.errors import ConfigError
 from imkit.policy import HeartbeatPolicy
 from imkit.routetable import DEFAULT_GRACE_MS
 from imkit.session import ServerConfig
 from imkit.store import MessageStore, open_store
+
+from . import command
+from .auth import DEFAULT_TOKEN_TTL_S, Authenticator, new_secret
+from .gateway import Gateway, GatewayConfig
+from .ipconf import IpConf
+from .logic import BusPayload, Logic, LogicConfig
+from .routes import RouteService
 
 __all__ = [
     "DEFAULT_LOBBY_SIZE",
@@ -88,6 +98,12 @@ DEFAULT_PORT_BASE = 7700
 DEFAULT_LOBBY_SIZE = 200
 #: Named demo users; ``lobby`` is filled up with user001, user002, ...
 DEMO_USERS = ("alice", "bob", "carol", "dave", "erin")
+#: Logged (and printed first in the banner) when development mode is on.
+DEV_WARNING = (
+    "WARNING: development mode (--dev): /dev/token gives any user's login token and "
+    "/admin runs registry commands for any direct request from this machine; never "
+    "use it on a shared machine or behind a proxy"
+)
 
 
 @attrs.frozen(kw_only=True)
@@ -104,7 +120,9 @@ class ClusterConfig:
     data_dir: str | None = None  # None: memory store; else SQLite in this directory
     secret: bytes | None = None  # token signing key; None: random
     token_ttl_s: int = DEFAULT_TOKEN_TTL_S
-    dev: bool = True  # /dev/token and /admin for the local machine
+    # /dev/token and /admin for direct local requests: off unless asked for (--dev);
+    # anyone who can reach them gets any user's token and runs admin commands
+    dev: bool = False
     demo: bool = False  # seed the demo users and groups
     lobby_size: int = DEFAULT_LOBBY_SIZE
     grace_ms: int = DEFAULT_GRACE_MS
@@ -244,6 +262,8 @@ class Cluster:
 async def start_cluster(config: ClusterConfig | None = None) -> Cluster:
     """Start ipconf, the gateways and logic in this event loop; return the handles."""
     cfg = config or ClusterConfig()
+    if cfg.dev:
+        logger.warning("%s", DEV_WARNING.removeprefix("WARNING: "))
     store = open_store(cfg.data_dir)
     if cfg.demo:
         seed_demo(store, lobby_size=cfg.lobby_size)
@@ -358,9 +378,9 @@ def admin(store: MessageStore, op: str, args: list[str]) -> Any:
 
 def _run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m examples.cluster",
+        prog=command("cluster"),
         description="Run the imkit reference IM system (ipconf + gateways + logic) in one process.",
-        epilog="Manage users and groups: python -m examples.cluster admin --help",
+        epilog=f"Manage users and groups: {command('cluster')} admin --help",
     )
     p.add_argument("--gateways", type=int, default=1, help="number of gateways (default 1)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -376,9 +396,22 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-demo", action="store_true", help="do not create the demo users/groups")
     p.add_argument("--lobby-size", type=int, default=DEFAULT_LOBBY_SIZE)
     p.add_argument("--no-web", action="store_true", help="no web page / WebSocket")
-    p.add_argument("--no-dev", action="store_true", help="disable /dev/token and /admin")
+    dev = p.add_mutually_exclusive_group()
+    dev.add_argument(
+        "--dev",
+        action="store_true",
+        help="development mode: serve /dev/token and /admin to direct local requests "
+        "(never behind a proxy or on a shared machine)",
+    )
+    dev.add_argument("--no-dev", action="store_true", help="no /dev/token and /admin (the default)")
     p.add_argument("--heartbeat-ms", type=int, default=None, help="client heartbeat interval")
     p.add_argument("--grace-ms", type=int, default=DEFAULT_GRACE_MS, help="route grace period")
+    p.add_argument("--max-per-address", type=int, default=DEFAULT_MAX_PER_ADDRESS,
+                   help="TCP connections from one address (raise it for load tests)")
+    p.add_argument("--no-shed", action="store_true",
+                   help="never refuse sends when overloaded (for comparisons)")
+    p.add_argument("--max-pending-logins", type=int, default=DEFAULT_MAX_PENDING_LOGINS,
+                   help="TCP connections not yet logged in (the oldest is evicted past it)")
     p.add_argument("--ready-file", default=None, help="write where things listen (JSON) here")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the ready line")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -407,11 +440,16 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
         web=not args.no_web,
         data_dir=args.data_dir,
         secret=secret,
-        dev=not args.no_dev,
+        dev=args.dev,
         demo=not args.no_demo,
         lobby_size=args.lobby_size,
         grace_ms=args.grace_ms,
-        gateway=GatewayConfig(server=server),
+        gateway=GatewayConfig(
+            server=server,
+            max_per_address=args.max_per_address,
+            max_pending_logins=args.max_pending_logins,
+            shed=not args.no_shed,
+        ),
     )
 
 
@@ -434,25 +472,39 @@ def _banner(cluster: Cluster) -> str:
             f"  users     {' '.join(DEMO_USERS)}; groups 'team' (alice bob carol), "
             f"'lobby' ({cfg.lobby_size} members)"
         )
+    if cfg.host in ("0.0.0.0", "::", "") and not cfg.public_host:
+        lines.append(
+            "  note      listening on every interface without --public-host: clients are "
+            "given the host they used to reach ipconf"
+        )
     if cfg.dev:
+        # the secret itself is never printed: a token is one request away
+        lines.insert(0, DEV_WARNING)
         lines.append(f"  tokens    {cluster.ipconf_url}/dev/token?uid=alice&device=cli")
-        lines.append(f"  secret    {cluster.secret.hex()}")
+    else:
+        lines.append(
+            "  tokens    development endpoints off: --dev serves /dev/token and /admin "
+            "to this machine; or set IMKIT_SECRET and give chat the same --secret"
+            + ("" if cfg.secret else " (this run's secret is random: nobody can log in)")
+        )
     default = cluster.ipconf_port == DEFAULT_PORT_BASE
     ipconf_flag = "" if default else f" --ipconf {cluster.ipconf_url}"
+    secret_flag = "" if cfg.dev else ' --secret "$IMKIT_SECRET"'
     lines += [
         "",
         "Chat in two terminals:",
-        f"  python -m examples.chat --user alice --to bob{ipconf_flag}",
-        f"  python -m examples.chat --user bob --to alice{ipconf_flag}",
+        f"  {command('chat')} --user alice --to bob{ipconf_flag}{secret_flag}",
+        f"  {command('chat')} --user bob --to alice{ipconf_flag}{secret_flag}",
         "Group chat: --group lobby (read fan-out) or --group team (write fan-out).",
     ]
-    if cluster.gateways and cluster.gateways[0].web_url:
+    if cfg.dev and cluster.gateways and cluster.gateways[0].web_url:
         lines.append(f"In a browser: {cluster.gateways[0].web_url}?user=alice&to=bob")
-    lines += [
-        "Add users:  python -m examples.cluster admin create-user zoe"
-        + ("" if default else f" --url {cluster.ipconf_url}"),
-        "Ctrl-C stops.",
-    ]
+    if cfg.dev:
+        lines.append(
+            f"Add users:  {command('cluster')} admin create-user zoe"
+            + ("" if default else f" --url {cluster.ipconf_url}")
+        )
+    lines.append("Ctrl-C stops.")
     return "\n".join(lines)
 
 
@@ -489,7 +541,7 @@ async def _run(args: argparse.Namespace) -> int:
 
 def _admin_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m examples.cluster admin",
+        prog=f"{command('cluster')} admin",
         description="Manage users and groups of a running cluster (or of a --data-dir).",
         epilog=ADMIN_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,

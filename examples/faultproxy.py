@@ -17,7 +17,7 @@ What it does
       clients rebind elsewhere when they reconnect; the cluster parks what is
       left once discovery's TTL runs out). It is :meth:`Gateway.abort`.
 
-    ``benchmarks/reliability.py`` drives both (``docs/reliability.md``).
+    ``python -m benchmarks.reliability`` drives both (``docs/reliability.md``).
 
 Policies
     A frame whose header does not look like imkit (bad magic, or a declared body
@@ -40,8 +40,9 @@ import contextlib
 import random
 from dataclasses import dataclass, field
 
-from examples.gateway import Gateway
 from imkit.protocol import DEFAULT_MAX_FRAME_SIZE, HEADER_SIZE
+
+from .gateway import Gateway
 
 __all__ = [
     "DEFAULT_READ_SIZE",

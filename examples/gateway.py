@@ -27,7 +27,14 @@ Policies
     is cut at the login deadline (10 s); a slow reader is cut at
     ``max_write_buffer`` bytes queued or ``max_tracked_pushes`` unacked pushes
     and resyncs when it comes back; at most ``max_connections`` clients (others
-    get ``Kick(SERVER_BUSY, retry_after_ms)``); on shutdown every client gets
+    get ``Kick(SERVER_BUSY, retry_after_ms)``), of which at most
+    ``max_pending_logins`` not yet logged in (the oldest is evicted for a newcomer)
+    and ``max_per_address`` from one address; a server stall does not expire
+    heartbeats before the frames that arrived during it are read. Past what the
+    process can carry (its loop running late, or envelopes piling up for it) new
+    sends are refused with ``SendAck(SERVER_BUSY, retry_after_ms)``
+    (:mod:`examples.overload`): the client resends them after the hint, the
+    delivered rate stays at its maximum and memory stays bounded. On shutdown every client gets
     ``Kick(SHUTDOWN, retry_after_ms)`` so they reconnect elsewhere, spread out.
     If its bus subscription lags, it tells every client to resync. If discovery
     forgot it while it was alive (late load reports), it registers again and
@@ -35,8 +42,9 @@ Policies
     simulates a crash for fault tests.
 
 What it leaves out
-    TLS, hot restart by file-descriptor handoff, a per-IP connection rate limit,
-    and an RPC to a remote logic server (here logic is an in-process object).
+    TLS, hot restart by file-descriptor handoff, a per-IP connection *rate* limit
+    (there is a per-address cap), and an RPC to a remote logic server (here logic
+    is an in-process object).
 """
 
 from __future__ import annotations
@@ -53,21 +61,12 @@ from typing import Protocol
 
 import attrs
 
-from examples.auth import Authenticator
-from examples.httpd import (
-    HttpServer,
-    Request,
-    Response,
-    is_loopback,
-    json_response,
-    serve_http,
-)
-from examples.logic import BusPayload, Deliver, KickRoute, Logic, Signals
-from examples.routes import RouteService
 from imkit.aio import (
     DEFAULT_FRAME_TIMEOUT_MS,
     DEFAULT_HANDSHAKE_TIMEOUT_MS,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_PENDING_LOGINS,
+    DEFAULT_MAX_PER_ADDRESS,
     DEFAULT_MAX_WRITE_BUFFER,
     FramedConnection,
     MemoryBus,
@@ -98,6 +97,25 @@ from imkit.session import (
 )
 from imkit.store import ConvKind
 from imkit.timingwheel import TimingWheel
+
+from .auth import Authenticator
+from .httpd import (
+    HttpServer,
+    Request,
+    Response,
+    is_direct_local,
+    json_response,
+    render_response,
+    serve_http,
+)
+from .logic import BusPayload, Deliver, KickRoute, Logic, Signals
+from .overload import (
+    DEFAULT_MAX_BACKLOG,
+    DEFAULT_MAX_LAG_MS,
+    DEFAULT_SHED_RETRY_MS,
+    LoadShedder,
+)
+from .routes import RouteService
 
 __all__ = [
     "DEFAULT_BUS_PENDING",
@@ -135,13 +153,20 @@ class GatewayConfig:
 
     server: ServerConfig = attrs.field(factory=ServerConfig)
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_pending_logins: int = DEFAULT_MAX_PENDING_LOGINS  # TCP, not logged in yet
+    max_per_address: int = DEFAULT_MAX_PER_ADDRESS  # TCP, per IPv4 address / IPv6 /64
     max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER
     frame_timeout_ms: int = DEFAULT_FRAME_TIMEOUT_MS
     handshake_timeout_ms: int = DEFAULT_HANDSHAKE_TIMEOUT_MS
     report_interval_ms: int = DEFAULT_REPORT_INTERVAL_MS
     bus_pending: int = DEFAULT_BUS_PENDING
     region: str = ""
-    dev_tokens: bool = True  # serve /dev/token (development only)
+    dev_tokens: bool = False  # serve /dev/token (development only: the launcher's --dev)
+    # load shedding (examples.overload): refuse new sends past what the process carries
+    shed: bool = True
+    shed_max_lag_ms: int = DEFAULT_MAX_LAG_MS
+    shed_max_backlog: int = DEFAULT_MAX_BACKLOG
+    shed_retry_ms: int = DEFAULT_SHED_RETRY_MS
 
 
 class Link(Protocol):
@@ -168,15 +193,20 @@ class Link(Protocol):
         """The login succeeded."""
         ...
 
+    def abort(self) -> None:
+        """Drop the connection at once (no close handshake, buffered bytes discarded)."""
+        ...
+
 
 class _Conn:
     """One client connection on this gateway."""
 
-    __slots__ = ("conn_id", "link", "route", "session")
+    __slots__ = ("busy_until_ms", "conn_id", "link", "route", "session")
 
     def __init__(self, conn_id: int, link: Link) -> None:
         self.conn_id = conn_id
         self.link = link
+        self.busy_until_ms = 0  # sends refused until then (load shedding)
         self.session: ServerSession | None = None
         self.route: Route | None = None
 
@@ -226,6 +256,15 @@ class Gateway:
         self.ws_endpoint = ""
         self.web_url = ""
         self.aborted = False  # abort() ran: this gateway plays dead
+        cfg = self.config
+        # refuses new sends while this process is past what it can carry
+        self.shedder = LoadShedder(
+            lambda: len(self._sub) if self._sub is not None else 0,
+            max_lag_ms=cfg.shed_max_lag_ms,
+            max_backlog=cfg.shed_max_backlog,
+            retry_after_ms=cfg.shed_retry_ms,
+            enabled=cfg.shed,
+        )
         self.rebound = 0  # routes bound again after discovery had forgotten this gateway
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -240,6 +279,8 @@ class Gateway:
             host,
             tcp_port,
             max_connections=cfg.max_connections,
+            max_pending_logins=cfg.max_pending_logins,
+            max_per_address=cfg.max_per_address,
             max_write_buffer=cfg.max_write_buffer,
             frame_timeout_ms=cfg.frame_timeout_ms,
             handshake_timeout_ms=cfg.handshake_timeout_ms,
@@ -253,6 +294,8 @@ class Gateway:
             self.web_url = f"http://{public}:{self.web.port}/"
             endpoints.append(self.ws_endpoint)
         self._sub = self.bus.subscribe_nowait(self.id, max_pending=cfg.bus_pending)
+        if cfg.shed and cfg.shed_max_backlog >= cfg.bus_pending:
+            logger.warning("shed_max_backlog >= bus_pending: the bus overflows before shedding")
         self.routes.on_expire.append(self._route_expired)
         self.routes.on_bind.append(self._route_bound)
         self._info = GatewayInfo(
@@ -287,6 +330,7 @@ class Gateway:
         with contextlib.suppress(ValueError):
             self.routes.on_bind.remove(self._route_bound)
         self.driver.close()
+        self.shedder.close()
 
     async def abort(self) -> int:
         """Die like a killed process (``kill -9``); return how many clients it dropped.
@@ -335,13 +379,10 @@ class Gateway:
             self._sub.close_nowait()  # envelopes queued for it are gone with it
         dropped = 0
         for conn in list(self.conns.values()):
-            link = conn.link
-            if isinstance(link, FramedConnection):
-                link.abort()
-            else:
-                link.close()  # a WebSocket link has no abort
+            conn.link.abort()  # TCP and WebSocket links alike
             dropped += 1
         self.driver.close()  # heartbeats and push retries of the dead sessions: gone
+        self.shedder.close()
         return dropped
 
     @property
@@ -420,6 +461,13 @@ class Gateway:
                 if out.cumulative:  # the device holds conv through seq: its sync cursor
                     self.logic.note_cursor(session.uid, session.device, out.conv, out.seq)
             elif isinstance(out, SendRequested):
+                if not self._admit(conn):
+                    # overloaded: refuse early and cheaply; the client resends after
+                    # the hint (same cid, so nothing is stored twice)
+                    hint = self.shedder.retry_after_ms
+                    self._emit(conn, session.fail_send(out.cid, ErrorCode.SERVER_BUSY,
+                                                       retry_after_ms=hint))
+                    continue
                 result = await self.logic.send(out.uid, out.device, out.cid, out.conv, out.body)
                 if isinstance(result, int):
                     self._emit(conn, session.fail_send(out.cid, result))
@@ -427,8 +475,18 @@ class Gateway:
                     acked = session.ack_send(out.cid, result.seq, result.msg_id, result.server_ms)
                     self._emit(conn, acked)
             elif isinstance(out, SyncRequested):
-                pages = await self.logic.sync(out.uid, out.device, out.after, out.limit)
-                self._emit(conn, session.sync_response(out.req_id, pages))
+                # Answered now, or (a device past its sync work budget) from a task
+                # once its turn comes: this connection keeps reading frames
+                # meanwhile, so the session's max_syncs_in_flight refuses more.
+                # Pushes may go out before the answer; the client's SeqWindow
+                # merges both (docs/session.md, sync semantics).
+                self.logic.sync_later(
+                    out,
+                    lambda req, pages: self._emit(
+                        conn, session.sync_response(req.req_id, pages)
+                    ),
+                    alive=lambda: not conn.link.closed,
+                )
             elif isinstance(out, ReceiptPosted):
                 r = out.receipt
                 await self.logic.receipt(r.reader, r.conv, r.seq)
@@ -437,6 +495,23 @@ class Gateway:
             else:
                 self._emit(conn, [out])
         self.driver.rearm()
+
+    def _admit(self, conn: _Conn) -> bool:
+        """Whether to take a send of ``conn`` now (see :mod:`examples.overload`). O(1).
+
+        Once one of its sends is refused, the connection's next sends are refused
+        until the retry hint has passed, so that its resent cids are stored in the
+        order the client sent them.
+        """
+        shedder = self.shedder
+        now = self.driver.now_ms()
+        if now < conn.busy_until_ms:
+            shedder.shed += 1
+            return False
+        if shedder.admit():
+            return True
+        conn.busy_until_ms = now + shedder.retry_after_ms
+        return False
 
     def _emit(self, conn: _Conn, outputs: list[Output]) -> None:
         """Write frames; close on CloseConnection. (No logic calls: safe from timers.)"""
@@ -636,10 +711,12 @@ class Gateway:
     async def _upgrade(
         self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        from examples.websocket import WsLink  # wsproto: the optional `ws` extra
+        from .websocket import WsLink  # wsproto: the optional `ws` extra
 
         cfg = self.config
         if len(self.conns) >= cfg.max_connections:
+            busy = Response(status=503, headers=(("Retry-After", str(_BUSY_RETRY_MS // 1000)),))
+            writer.write(render_response(busy))
             writer.close()
             return
         link = WsLink(
@@ -684,11 +761,15 @@ def _send_shared(link: FramedConnection, frames: list[bytes]) -> None:
 def dev_token(request: Request, auth: Authenticator, logic: Logic, *, enabled: bool) -> Response:
     """``GET /dev/token?uid=U&device=D``: a token for a registered user. Development only.
 
-    Answers only requests from the local machine; 403 when disabled, 404 for an
+    Answers only when ``enabled`` (the launcher's ``--dev``) and only a request
+    straight from the local machine (:func:`examples.httpd.is_direct_local`: a
+    loopback peer and no proxy's forwarding header); 403 otherwise, 404 for an
     unknown user.
     """
-    if not enabled or not is_loopback(request.peer):
-        return json_response({"error": "dev tokens are disabled"}, 403)
+    if not enabled:
+        return json_response({"error": "dev tokens are off (start the launcher with --dev)"}, 403)
+    if not is_direct_local(request):
+        return json_response({"error": "dev tokens are for direct local requests only"}, 403)
     uid = request.query.get("uid", "")
     device = request.query.get("device", "")
     if not uid or not device:

@@ -23,14 +23,29 @@ What it does
     endpoints in order (racing two), and falls back to its cached or static list
     when ipconf is down.
 
-    Development endpoints (``dev=True``, answered only to the local machine):
-    ``GET /dev/token?uid=&device=`` issues a login token; ``POST /admin`` with
-    ``{"op": ..., "args": [...]}`` runs a registry command (see
-    :func:`examples.cluster.admin`).
+    Development endpoints (``dev=True``, off by default: the launcher's
+    ``--dev``): ``GET /dev/token?uid=&device=`` issues a login token; ``POST
+    /admin`` with ``{"op": ..., "args": [...]}`` runs a registry command (see
+    :func:`examples.cluster.admin`). They answer only requests straight from the
+    local machine (:func:`examples.httpd.is_direct_local`): a request carrying a
+    proxy's forwarding header (``Forwarded``, ``X-Forwarded-For``, ``Via``, ...)
+    gets 403, since a reverse proxy on the same host connects from loopback on
+    behalf of anyone.
 
 Policies
     Answers come from memory (no I/O per request); at most ``limit`` gateways are
     listed; an empty registry answers 503 so clients use their cached list.
+
+    A gateway listening on a wildcard address (``0.0.0.0``, ``::``) without a
+    public host registers endpoints nobody can connect to (``tcp://0.0.0.0:7710``).
+    ipconf then puts in their place the host the client itself used to reach
+    ipconf (its ``Host`` header; else the local address its connection arrived
+    on), and logs a warning once per gateway suggesting ``--public-host``. That
+    host is the one address known to work from where the client stands: the
+    machine's "primary" address may be a private one behind NAT, or the wrong
+    interface of a multi-homed host. It is right when the gateways run on
+    ipconf's machine (the all-in-one launcher); across machines, give each
+    gateway its public host.
 
 What it leaves out
     Geo-IP region detection (the client may pass ``region=``), weighting by
@@ -43,20 +58,23 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from examples.auth import Authenticator
-from examples.gateway import dev_token
-from examples.httpd import (
-    HttpServer,
-    Request,
-    Response,
-    is_loopback,
-    json_response,
-    serve_http,
-)
-from examples.logic import Logic
+import attrs
+
 from imkit.discovery import GatewayInfo, Registry
 from imkit.errors import ImkitError
 from imkit.hashring import DEFAULT_BALANCE, HashRing
+
+from .auth import Authenticator
+from .gateway import dev_token
+from .httpd import (
+    HttpServer,
+    Request,
+    Response,
+    is_direct_local,
+    json_response,
+    serve_http,
+)
+from .logic import Logic
 
 __all__ = ["DEFAULT_RANK_LIMIT", "IpConf"]
 
@@ -67,6 +85,52 @@ logger = logging.getLogger("examples.ipconf")
 DEFAULT_RANK_LIMIT = 8
 
 AdminFn = Callable[[str, list[str]], Any]
+
+#: Gateways remembered as already warned about (a wildcard endpoint): one line each.
+_MAX_WARNED = 1024
+_WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]", "*"})
+#: A host name or address as it may appear in a Host header (RFC 3986 reg-name,
+#: IPv4, or a bracketed IPv6 literal), without the port.
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._")
+
+
+def _split_endpoint(endpoint: str) -> tuple[str, str, str]:
+    """``"tcp://0.0.0.0:7710"`` -> ``("tcp://", "0.0.0.0", ":7710")``; the path stays in the rest.
+
+    An unbracketed IPv6 host (``tcp://:::7710``, what ``f"{host}:{port}"`` makes of
+    ``::``) is everything before the last colon. O(len).
+    """
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep:
+        return "", "", endpoint
+    netloc, slash, path = rest.partition("/")
+    host, colon, port = netloc.rpartition(":")
+    if not colon or not port.isdigit():
+        host, colon, port = netloc, "", ""
+    return scheme + sep, host, f"{colon}{port}{slash}{path}"
+
+
+def _is_wildcard(host: str) -> bool:
+    return host in _WILDCARDS
+
+
+def _host_of(request: Request) -> str:
+    """The host part of the request's Host header if it is a plausible host, else the
+    local address the connection arrived on (bracketed if IPv6); "" if neither. O(len)."""
+    value = request.headers.get("host", "").strip()
+    if value.startswith("["):
+        literal, bracket, _ = value.partition("]")
+        host = literal + bracket
+        ok = bool(bracket) and all(c in "0123456789abcdefABCDEF:." for c in literal[1:])
+    else:
+        host = value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+        ok = all(c in _HOST_CHARS for c in host)
+    if host and ok and len(host) <= 255 and not _is_wildcard(host):
+        return host
+    local = request.local
+    if not local or _is_wildcard(local):
+        return ""
+    return f"[{local}]" if ":" in local else local
 
 
 class IpConf:
@@ -81,7 +145,7 @@ class IpConf:
         admin: AdminFn | None = None,
         balance: float = DEFAULT_BALANCE,
         limit: int = DEFAULT_RANK_LIMIT,
-        dev: bool = True,
+        dev: bool = False,
     ) -> None:
         self.registry = registry
         self.auth = auth
@@ -94,6 +158,7 @@ class IpConf:
         self._ring_nodes: frozenset[str] = frozenset()
         self.http: HttpServer | None = None
         self.requests = 0
+        self._warned: set[str] = set()  # gateways warned about a wildcard endpoint
 
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the bound port."""
@@ -134,6 +199,7 @@ class IpConf:
             gateways = await self.rank(uid, region=request.query.get("region", ""))
             if not gateways:
                 return json_response({"error": "no gateway is up"}, 503)
+            gateways = [self._reachable(g, request) for g in gateways]
             return json_response(
                 {
                     "uid": uid,
@@ -161,9 +227,33 @@ class IpConf:
             return json_response({"ok": True, "gateways": len(await self.registry.live())})
         return Response(status=404)
 
+    def _reachable(self, gateway: GatewayInfo, request: Request) -> GatewayInfo:
+        """``gateway`` with wildcard endpoint hosts replaced by one the client can reach. O(e)."""
+        if not any(_is_wildcard(_split_endpoint(e)[1]) for e in gateway.endpoints):
+            return gateway
+        host = _host_of(request)
+        if gateway.id not in self._warned and len(self._warned) < _MAX_WARNED:
+            self._warned.add(gateway.id)
+            logger.warning(
+                "gateway %s advertises a wildcard address (%s): answering clients with the "
+                "host they used to reach ipconf (%s); give the gateways --public-host",
+                gateway.id,
+                ", ".join(gateway.endpoints),
+                host or "none known",
+            )
+        if not host:
+            return gateway
+        endpoints = []
+        for endpoint in gateway.endpoints:
+            scheme, ep_host, rest = _split_endpoint(endpoint)
+            endpoints.append(f"{scheme}{host}{rest}" if _is_wildcard(ep_host) else endpoint)
+        return attrs.evolve(gateway, endpoints=tuple(endpoints))
+
     def _admin(self, request: Request) -> Response:
-        if self.admin is None or not self.dev or not is_loopback(request.peer):
-            return json_response({"error": "admin is disabled"}, 403)
+        if self.admin is None or not self.dev:
+            return json_response({"error": "admin is off (start the launcher with --dev)"}, 403)
+        if not is_direct_local(request):
+            return json_response({"error": "admin is for direct local requests only"}, 403)
         try:
             doc = request.json()
             op = doc["op"]

@@ -82,13 +82,16 @@ from typing import Any
 
 import attrs
 
-from examples.auth import Authenticator
-from examples.chat import fetch_token
 from imkit.aio import Client, ClientStatus, Endpoint, fetch_endpoints, uvloop_available
 from imkit.errors import CapacityError, ConfigError, ConnectionClosed, ImkitError
 from imkit.protocol import Push
 from imkit.session import Kicked, SessionEvent
 from imkit.store import direct_conv_id
+
+from . import command
+from .auth import Authenticator
+from .chat import fetch_token
+from .measure import percentile, proc_cpu_s, proc_rss_kib, summary_ms
 
 __all__ = [
     "DEFAULT_BODY_SIZE",
@@ -221,6 +224,9 @@ class LoadResult:
     rss_before_kib: int | None = None
     rss_after_kib: int | None = None
     rss_per_conn_kib: float | None = None
+    rss_peak_kib: int | None = None  # the server's highest VmRSS while loaded (4 samples/s)
+    send_window_s: float = 0.0  # from the first measured send to the last send
+    goodput_per_s: float = 0.0  # deliveries that arrived while sending, per second
     generator_cpu_pct: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -271,6 +277,9 @@ class LoadResult:
             ("server CPU per connect + login (µs)",
              num(self.connect_cpu_us, "{:.0f}") + coarse(self.connect_cpu_ticks)),
             ("server RSS growth per connection (KiB)", num(self.rss_per_conn_kib, "{:.2f}")),
+            ("server peak RSS while loaded (MiB)",
+             num(None if self.rss_peak_kib is None else self.rss_peak_kib / 1024)),
+            ("goodput: deliveries per second while sending", num(self.goodput_per_s)),
             ("generator CPU (% of one core)", num(self.generator_cpu_pct)),
         ]
         lines = ["| metric | value |", "|---|---|"]
@@ -279,31 +288,6 @@ class LoadResult:
 
 
 # --- small helpers ----------------------------------------------------------------------
-
-
-def percentile(sorted_values: Sequence[int | float], q: float) -> float:
-    """The nearest-rank ``q``-th percentile (0 < q <= 100) of ascending values. O(1).
-
-    >>> percentile([1, 2, 3, 4], 50)
-    2
-    """
-    if not sorted_values:
-        raise ValueError("no values")
-    if not 0 < q <= 100:
-        raise ValueError("q must be in (0, 100]")
-    rank = -(-len(sorted_values) * q // 100)  # ceil without floats drifting
-    return sorted_values[max(0, int(rank) - 1)]
-
-
-def _summary_ms(values_ns: list[int], keys: Sequence[str]) -> dict[str, float]:
-    if not values_ns:
-        return {}
-    values_ns.sort()
-    out: dict[str, float] = {}
-    for key in keys:
-        v = values_ns[-1] if key == "max" else percentile(values_ns, float(key[1:]))
-        out[key] = round(v / 1e6, 3)
-    return out
 
 
 def make_body(due_ns: int, key: bytes, phase: bytes, size: int) -> bytes:
@@ -318,27 +302,6 @@ def parse_body(body: bytes) -> tuple[int, bytes, bytes] | None:
     if len(parts) < 3 or not parts[0].isdigit() or parts[2] not in (_MEASURED, _WARMUP):
         return None
     return int(parts[0]), parts[1], parts[2]
-
-
-def proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (``/proc/<pid>/stat``). O(1)."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    rest = text[text.rindex(")") + 2 :].split()  # comm may contain spaces and parens
-    ticks = int(rest[11]) + int(rest[12])  # fields 14 (utime) and 15 (stime)
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def proc_rss_kib(pid: int) -> int:
-    """Resident set size of process ``pid`` in KiB (``VmRSS`` of ``/proc/<pid>/status``)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise LoadError(f"no VmRSS for pid {pid}")
-
-
-def _self_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system
 
 
 async def _post_admin(ipconf: str, op: str, args: list[str]) -> Any:
@@ -403,6 +366,8 @@ class _Tracker:
         self.echoes = 0
         self.kicks = 0
         self.measured_deliveries = 0
+        self.sending = False  # True from the first measured send to the last send
+        self.window_deliveries = 0  # deliveries that arrived while sending (goodput)
         self.latencies_ns: list[int] = []
         self.due_latencies_ns: list[int] = []
         self.ack_ns: list[int] = []
@@ -451,6 +416,8 @@ class _Tracker:
         msg.received += 1
         if msg.acked:
             self.delivered += 1
+        if self.sending:
+            self.window_deliveries += 1
         if msg.measured:
             self.measured_deliveries += 1
             self.latencies_ns.append(now - sent_ns)
@@ -619,9 +586,20 @@ async def run_load(
                 return
             fut.add_done_callback(functools.partial(tracker.on_ack, msg))
 
+        async def sample_rss() -> None:
+            while pid:
+                with contextlib.suppress(LoadError, OSError):
+                    rss = proc_rss_kib(pid)
+                    result.rss_peak_kib = max(result.rss_peak_kib or 0, rss)
+                await asyncio.sleep(0.25)
+
+        sampler = asyncio.create_task(sample_rss())
+        readers.append(sampler)
+
         def mark() -> None:
+            tracker.sending = True
             marks["t"] = time.monotonic()
-            marks["gen"] = _self_cpu_s()
+            marks["gen"] = proc_cpu_s()
             if pid:
                 marks["cpu"] = proc_cpu_s(pid)
 
@@ -642,6 +620,12 @@ async def run_load(
                 i += 1
                 due = start_ns + int(i * interval_ns)
             await asyncio.sleep(0)
+        tracker.sending = False
+        if "t" in marks:
+            result.send_window_s = round(time.monotonic() - marks["t"], 3)
+            result.goodput_per_s = round(
+                tracker.window_deliveries / max(result.send_window_s, 1e-9), 1
+            )
 
         # -- drain --------------------------------------------------------------------------
         tracker.progress = asyncio.Event()
@@ -649,7 +633,7 @@ async def run_load(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(tracker.progress.wait(), cfg.drain_s)
         t_end = time.monotonic()
-        gen_end = _self_cpu_s()
+        gen_end = proc_cpu_s()
         cpu_end = proc_cpu_s(pid) if pid else None
     finally:
         for task in readers:
@@ -672,10 +656,10 @@ async def run_load(
     result.kicks = t.kicks
     result.reconnects = sum(max(0, c.connects - 1) for c in clients)
     result.measured_deliveries = t.measured_deliveries
-    result.latency_ms = _summary_ms(t.latencies_ns, ("p50", "p90", "p99", "max"))
-    result.due_latency_ms = _summary_ms(t.due_latencies_ns, ("p50", "p99", "max"))
-    result.ack_ms = _summary_ms(t.ack_ns, ("p50", "p99"))
-    result.send_lag_ms = _summary_ms(t.lag_ns, ("p50", "p99", "max"))
+    result.latency_ms = summary_ms(t.latencies_ns, ("p50", "p90", "p99", "max"))
+    result.due_latency_ms = summary_ms(t.due_latencies_ns, ("p50", "p99", "max"))
+    result.ack_ms = summary_ms(t.ack_ns, ("p50", "p99"))
+    result.send_lag_ms = summary_ms(t.lag_ns, ("p50", "p99", "max"))
     window = max(1e-9, t_end - marks["t"])
     result.window_s = round(window, 3)
     result.generator_cpu_pct = round((gen_end - marks["gen"]) / window * 100, 1)
@@ -723,8 +707,10 @@ class SpawnedCluster:
     async def start(self, timeout_s: float = DEFAULT_READY_TIMEOUT_S) -> Target:
         """Start the launcher and wait until it is ready."""
         cmd = [
-            sys.executable, "-m", "examples.cluster", "--port-base", "0", "--no-demo",
-            "--no-web", "-q", "--gateways", str(self.gateways),
+            sys.executable, "-m", f"{__package__}.cluster", "--dev", "--port-base", "0",
+            "--no-demo", "--no-web", "-q", "--gateways", str(self.gateways),
+            # every generated client comes from this machine: one address by design
+            "--max-per-address", "1000000",
             "--ready-file", str(self.ready), *self.extra_args,
         ]
         env = dict(os.environ, IMKIT_SECRET=self.secret.hex())  # not on the command line
@@ -771,7 +757,7 @@ class SpawnedCluster:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m examples.loadgen",
+        prog=command("loadgen"),
         description="Drive the imkit reference system with N clients at a fixed rate and "
         "report delivery, latency and the server's CPU per delivered message.",
         epilog="Example: python -m examples.loadgen --spawn --clients 1000 --rate 2000 "
@@ -786,6 +772,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pid", type=int, help="server pid for CPU/RSS figures (with --ipconf)")
     p.add_argument("--secret", help="mint tokens with this hex secret instead of /dev/token")
     p.add_argument("--gateways", type=int, default=1, help="gateways of a --spawn cluster")
+    p.add_argument("--cluster-arg", action="append", default=[], metavar="ARG",
+                   help="pass ARG to a --spawn cluster's command line (repeatable)")
     p.add_argument("--mode", choices=("1:1", "group"), default="1:1")
     p.add_argument("--clients", type=int, default=100, help="connections (and users)")
     p.add_argument("--rate", type=float, default=1000.0, help="messages per second in total")
@@ -831,7 +819,7 @@ async def _main(args: argparse.Namespace) -> int:
     spawned: SpawnedCluster | None = None
     try:
         if args.spawn:
-            spawned = SpawnedCluster(gateways=args.gateways)
+            spawned = SpawnedCluster(gateways=args.gateways, extra_args=args.cluster_arg)
             log("starting python -m examples.cluster")
             target = await spawned.start()
         elif args.ready_file:

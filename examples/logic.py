@@ -33,9 +33,12 @@ What it does
       reads of each conversation's timeline). An inbox sync (``after=()``) pages
       every conversation of the user that has something newer than what this
       device is known to hold (its cursors, learnt from cumulative push acks and
-      earlier sync requests).
+      earlier sync requests; with a durable store they are saved every
+      ``cursor_flush_ms`` and on close, and loaded back after a restart).
+      :meth:`Logic.sync_later` is the gateway's entry: it answers at once, or in
+      a task once the device's sync budget allows.
     * :meth:`Logic.receipt` moves the reader's read cursor (``store.set_read``)
-      and tells the other members of a small conversation.
+      and, only if it moved, tells the other members of a small conversation.
 
 Policies
     * Nothing is published before it is stored; the bus carries notifications of
@@ -45,6 +48,17 @@ Policies
       (:func:`imkit.store.direct_conv_id`) is created on its first message.
     * A sync answer stays below ``sync_budget`` bytes: what does not fit is
       announced with ``more=True`` and fetched by the client's follow-up sync.
+    * Sync **work** is bounded by a per-device budget, not by bytes returned (an
+      empty read costs the store as much as a full one). A request lists each
+      conversation once (duplicates collapse to the lowest cursor, so the page
+      holds every message after any cursor the client listed); at most
+      ``max_sync_entries`` are examined, the rest are answered ``more=True``
+      without a store call. Every store call a sync makes is one unit charged to
+      the device's token bucket (``sync_work_rate`` units/s, ``sync_work_burst``
+      saved up); a device in debt waits for its turn before its next sync is
+      answered (the gateway keeps reading its frames, so the session's syncs in
+      flight quota refuses the rest). So a device's sync store calls over ``t``
+      seconds stay below ``burst + rate * t + one request``.
     * Merged fan-outs complete when every gateway has written them (a ticket) or
       after ``fanout_timeout_ms``, so a lost envelope never wedges a group. A
       gateway's part completes at once when the bus says nobody took the envelope
@@ -70,8 +84,7 @@ from typing import TypeAlias
 
 import attrs
 
-from examples.routes import RouteService
-from imkit.aio import DeadlineTimer, MemoryBus
+from imkit.aio import DeadlineTimer, MemoryBus, loop_ms
 from imkit.errors import (
     CapacityError,
     ConfigError,
@@ -91,15 +104,23 @@ from imkit.merger import (
 from imkit.protocol import ErrorCode, Message, Notify, Push, Receipt, SyncPage
 from imkit.routetable import Route
 from imkit.seq import IdGenerator
+from imkit.session import SyncRequested
 from imkit.store import MessageStore, StoredMessage, direct_conv_id
 
+from .routes import RouteService
+
 __all__ = [
+    "DEFAULT_CURSOR_FLUSH_DEVICES",
+    "DEFAULT_CURSOR_FLUSH_MS",
     "DEFAULT_FANOUT_TIMEOUT_MS",
     "DEFAULT_MAX_BODY",
     "DEFAULT_MAX_DEVICES",
+    "DEFAULT_MAX_SYNC_ENTRIES",
     "DEFAULT_MAX_SYNC_PAGES",
     "DEFAULT_PUSH_FANOUT_MAX",
     "DEFAULT_SYNC_BUDGET",
+    "DEFAULT_SYNC_WORK_BURST",
+    "DEFAULT_SYNC_WORK_RATE",
     "DEFAULT_WRITE_FANOUT_MAX",
     "BusPayload",
     "Deliver",
@@ -133,6 +154,30 @@ DEFAULT_MAX_SYNC_PAGES = 1000
 #: Devices whose per-conversation cursors are remembered (LRU); a forgotten device
 #: just syncs from 0 (correct, more bytes). ~100 bytes per cursor.
 DEFAULT_MAX_DEVICES = 100_000
+#: Conversations one sync request may make the store look at (a membership check
+#: and a read each); the others listed get an empty ``more=True`` page, so the
+#: client asks again. The client lists at most 200 (``DEFAULT_MAX_SYNC_CONVS``);
+#: 256 never cuts an honest request, while the protocol lets a request list 1024.
+DEFAULT_MAX_SYNC_ENTRIES = 256
+#: Sync work units (one per store call a sync makes) a device earns per second.
+#: A device in 50 busy notify-only groups syncs ~50 conversations a second (two
+#: units each): 500 leaves 5x room. An attacker is held to 500 store calls a second
+#: (a few percent of a core with SQLite) instead of the ~100k it got before.
+DEFAULT_SYNC_WORK_RATE = 500
+#: Sync work units a device may spend at once: the reconnect of a user with
+#: ``DEFAULT_MAX_CONVERSATIONS_PER_USER`` (10k) conversations costs about 10k
+#: (their last seqs) plus a read per conversation with news that fits the byte
+#: budget (~1k) plus the follow-ups; 20k covers it with room to spare.
+DEFAULT_SYNC_WORK_BURST = 20_000
+#: How often the device cursors learnt since the last flush are written to a
+#: durable store: a push-ack storm becomes at most one write per device per
+#: interval, and a crash loses at most this much of the cursors (those devices
+#: re-download a few seconds of messages; nothing is lost).
+DEFAULT_CURSOR_FLUSH_MS = 2_000
+#: Devices written per flush (one store transaction each): at most 250 writes a
+#: second at the default interval; the rest wait for the next flush. Close writes
+#: them all.
+DEFAULT_CURSOR_FLUSH_DEVICES = 500
 #: A merged fan-out that some gateway took but never confirmed (it died with the
 #: envelope queued) frees its merger slot after this long. (An envelope nobody
 #: took -- a gateway with no bus subscription -- frees its part at once.)
@@ -153,12 +198,27 @@ class LogicConfig:
     merge_window_ms: int = DEFAULT_WINDOW_MS
     merge_inflight: int = DEFAULT_MAX_INFLIGHT
     signal_window_ms: int = DEFAULT_SIGNAL_WINDOW_MS
+    max_sync_entries: int = DEFAULT_MAX_SYNC_ENTRIES
+    sync_work_rate: int = DEFAULT_SYNC_WORK_RATE
+    sync_work_burst: int = DEFAULT_SYNC_WORK_BURST
+    cursor_flush_ms: int = DEFAULT_CURSOR_FLUSH_MS
+    cursor_flush_devices: int = DEFAULT_CURSOR_FLUSH_DEVICES
     node: int = 0  # IdGenerator node of this logic process (0-1023)
 
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.write_fanout_max <= self.push_fanout_max:
             raise ConfigError("need 0 <= write_fanout_max <= push_fanout_max")
-        for name in ("max_body", "sync_budget", "max_sync_pages", "max_devices"):
+        for name in (
+            "max_body",
+            "sync_budget",
+            "max_sync_pages",
+            "max_devices",
+            "max_sync_entries",
+            "sync_work_rate",
+            "sync_work_burst",
+            "cursor_flush_ms",
+            "cursor_flush_devices",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
         if not 1 <= self.max_sync_pages <= 1024:
@@ -238,13 +298,19 @@ class LogicStats:
     """Counters of the logic server (plain ints)."""
 
     __slots__ = (
+        "cursor_writes",
+        "cursors_dropped",
         "duplicates",
         "envelopes",
         "notifies",
         "pushes",
         "receipts",
+        "receipts_unmoved",
         "refused",
         "sends",
+        "sync_cut",
+        "sync_waits",
+        "sync_work",
         "syncs",
         "unrouted",
     )
@@ -257,7 +323,13 @@ class LogicStats:
         self.pushes = 0  # push deliveries addressed (message x route)
         self.notifies = 0  # pull signals addressed
         self.syncs = 0
-        self.receipts = 0
+        self.sync_work = 0  # store calls made for syncs (the units charged to devices)
+        self.sync_waits = 0  # syncs that waited for their device's budget
+        self.sync_cut = 0  # listed entries answered more=True unexamined (per-request cap)
+        self.receipts = 0  # receipts that moved a read cursor
+        self.receipts_unmoved = 0  # receipts at or below the cursor: not written, not told
+        self.cursor_writes = 0  # devices whose cursors were written to the store
+        self.cursors_dropped = 0  # cursor updates not kept for writing (too many dirty devices)
         self.unrouted = 0  # envelopes no gateway took (not subscribed, or its inbox full)
 
     def as_dict(self) -> dict[str, int]:
@@ -295,6 +367,16 @@ def _size(push: Push) -> int:
     return len(push.body) + len(push.conv) + len(push.sender) + 40
 
 
+class _WorkBucket:
+    """A device's sync work budget: milli-units, refilled at the rate, may go into debt."""
+
+    __slots__ = ("last_ms", "milli")
+
+    def __init__(self, milli: int, now_ms: int) -> None:
+        self.milli = milli
+        self.last_ms = now_ms
+
+
 def _push(m: StoredMessage) -> Push:
     return Push(
         conv=m.conv, seq=m.seq, sender=m.sender, body=m.body, msg_id=m.msg_id, server_ms=m.server_ms
@@ -308,7 +390,9 @@ class Logic:
     :class:`~examples.routes.RouteService`; ``bus`` the bus the gateways subscribe
     to (subject = gateway id). Create it inside a running loop. Costs:
     :meth:`send` O(1) for the store plus O(members) for a fan-out; :meth:`sync`
-    O(conversations listed + messages returned).
+    O(entries listed + messages returned), with at most ``max_sync_entries``
+    conversations examined per listed request (an inbox sync: every conversation
+    of the user).
     """
 
     def __init__(
@@ -336,16 +420,35 @@ class Logic:
         self._cursors: collections.OrderedDict[tuple[str, str], dict[str, int]] = (
             collections.OrderedDict()
         )
+        # (uid, device) -> sync work budget, LRU (max_devices; a forgotten device
+        # starts again with a full burst)
+        self._work: collections.OrderedDict[tuple[str, str], _WorkBucket] = (
+            collections.OrderedDict()
+        )
+        # (uid, device) -> {conv: seq} learnt since the last flush (durable stores only;
+        # at most max_devices devices, each at most its user's conversations)
+        self._dirty: dict[tuple[str, str], dict[str, int]] = {}
+        self._flush_handle: asyncio.TimerHandle | None = None
+        # syncs waiting for their device's budget: at most the sessions' syncs in flight
+        self._sync_tasks: set[asyncio.Task[None]] = set()
         # merged fan-outs not yet completed (insertion-ordered set); one per merger
         # slot in flight, so bounded by the merger (groups x merge_inflight)
         self._open: dict[FanoutTicket, None] = {}
         self._closed = False
 
     def close(self) -> None:
-        """Stop the timers; pending signals are dropped (clients resync on reconnect)."""
+        """Stop the timers, drop waiting syncs, write every pending device cursor.
+
+        Pending signals are dropped (clients resync on reconnect). Call it before
+        closing the store. O(pending cursors).
+        """
         self._closed = True
         self._merge_timer.close()
         self._signal_timer.close()
+        for task in self._sync_tasks:
+            task.cancel()
+        self._sync_tasks.clear()
+        self.flush_cursors(limit=None)
 
     # -- send ---------------------------------------------------------------------------
 
@@ -524,57 +627,252 @@ class Logic:
             self.stats.notifies += len(items)
             self._publish(gateway, Signals(items=tuple(items)))
 
-    # -- sync ---------------------------------------------------------------------------------
+    # -- device cursors -----------------------------------------------------------------------
+
+    def _device_cursors(self, key: tuple[str, str]) -> dict[str, int]:
+        """The cursors of device ``key`` (LRU), loaded from a durable store on a miss."""
+        cursors = self._cursors.get(key)
+        if cursors is not None:
+            self._cursors.move_to_end(key)
+            return cursors
+        cursors = {}
+        store = self.store
+        if store.durable:
+            try:
+                cursors = store.device_cursors(*key)
+            except ImkitError:
+                logger.warning("could not load the cursors of a device of %s", key[0])
+            pending = self._dirty.get(key)
+            if pending:
+                for conv, seq in pending.items():
+                    if seq > cursors.get(conv, 0):
+                        cursors[conv] = seq
+        self._cursors[key] = cursors
+        if len(self._cursors) > self.config.max_devices:
+            self._cursors.popitem(last=False)
+        return cursors
 
     def note_cursor(self, uid: str, device: str, conv: str, seq: int) -> None:
-        """``device`` of ``uid`` holds ``conv`` contiguously up to ``seq`` (its own claim). O(1).
+        """``device`` of ``uid`` holds ``conv`` contiguously up to ``seq`` (its own claim).
 
         Claims come from cumulative push acks and sync requests; they only make an
         inbox sync start later (a claim that is too high only hurts its claimant).
+        O(1) (a membership check the first time a conversation is seen; a load
+        from a durable store the first time a device is seen).
         """
         key = (uid, device)
-        cursors = self._cursors.get(key)
-        if cursors is None:
-            if not self.store.is_member(uid, conv):
+        known = self._cursors.get(key)
+        if (known is None or conv not in known) and not self.store.is_member(uid, conv):
+            return
+        self._note_member(key, conv, seq)
+
+    def _note_member(self, key: tuple[str, str], conv: str, seq: int) -> None:
+        """:meth:`note_cursor` for a conversation already known to be the user's."""
+        cursors = self._device_cursors(key)
+        if seq <= cursors.get(conv, 0):
+            return
+        cursors[conv] = seq
+        if not self.store.durable or self._closed:
+            return
+        dirty = self._dirty
+        pending = dirty.get(key)
+        if pending is None:
+            if len(dirty) >= self.config.max_devices:
+                self.stats.cursors_dropped += 1  # the device re-downloads a little after a restart
                 return
-            cursors = self._cursors[key] = {}
-            if len(self._cursors) > self.config.max_devices:
-                self._cursors.popitem(last=False)
+            pending = dirty[key] = {}
+        pending[conv] = seq
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_later(
+                self.config.cursor_flush_ms / 1000, self._flush_due
+            )
+
+    def _flush_due(self) -> None:
+        self._flush_handle = None
+        self.flush_cursors()
+
+    def flush_cursors(self, limit: int | None = -1) -> int:
+        """Write pending device cursors to the store; return how many devices were written.
+
+        ``limit``: devices to write (-1: ``cursor_flush_devices``; None: all of them).
+        What is left is written at the next flush. One store transaction per
+        device. O(cursors written).
+        """
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        dirty = self._dirty
+        if limit is None:
+            n = len(dirty)
         else:
-            self._cursors.move_to_end(key)
-            if conv not in cursors and not self.store.is_member(uid, conv):
-                return
-        if seq > cursors.get(conv, 0):
-            cursors[conv] = seq
+            n = self.config.cursor_flush_devices if limit < 0 else limit
+        written = 0
+        store = self.store
+        while dirty and written < n:
+            key = next(iter(dirty))
+            cursors = dirty.pop(key)
+            written += 1
+            try:
+                store.set_device_cursors(key[0], key[1], cursors)
+            except ImkitError:  # a user gone, a store failure: the device syncs a bit more
+                logger.warning("could not write the cursors of a device of %s", key[0])
+        self.stats.cursor_writes += written
+        if dirty and not self._closed:
+            self._flush_handle = self._loop.call_later(
+                self.config.cursor_flush_ms / 1000, self._flush_due
+            )
+        return written
+
+    # -- sync ---------------------------------------------------------------------------------
+
+    def sync_wait_ms(self, uid: str, device: str) -> int:
+        """How long ``device`` of ``uid`` must wait before its next sync (0: now). O(1)."""
+        bucket = self._bucket((uid, device))
+        # milli-units below 0 / (rate milli-units per ms), rounded up
+        return 0 if bucket.milli >= 0 else -(bucket.milli // self.config.sync_work_rate)
+
+    def _bucket(self, key: tuple[str, str]) -> _WorkBucket:
+        cfg = self.config
+        now = loop_ms(self._loop)
+        buckets = self._work
+        bucket = buckets.get(key)
+        if bucket is None:
+            bucket = buckets[key] = _WorkBucket(cfg.sync_work_burst * 1000, now)
+            if len(buckets) > cfg.max_devices:
+                buckets.popitem(last=False)
+        else:
+            buckets.move_to_end(key)
+            elapsed = now - bucket.last_ms
+            if elapsed > 0:
+                # rate units per 1000 ms == rate milli-units per ms
+                bucket.milli = min(
+                    cfg.sync_work_burst * 1000, bucket.milli + elapsed * cfg.sync_work_rate
+                )
+                bucket.last_ms = now
+        return bucket
+
+    async def sync_turn(self, uid: str, device: str) -> None:
+        """Wait until ``device`` of ``uid`` is out of sync-work debt (at once if it is)."""
+        while (wait_ms := self.sync_wait_ms(uid, device)) > 0:
+            self.stats.sync_waits += 1
+            await asyncio.sleep(wait_ms / 1000)
 
     async def sync(
         self, uid: str, device: str, after: Sequence[tuple[str, int]], limit: int
     ) -> list[SyncPage]:
-        """The pages answering a SyncRequest (see the module doc). O(convs + messages)."""
+        """The pages answering a SyncRequest, in the device's turn (see the module doc).
+
+        Waits while the device's sync budget is in debt, then :meth:`sync_now`.
+        """
+        await self.sync_turn(uid, device)
+        return self.sync_now(uid, device, after, limit)
+
+    def sync_later(
+        self,
+        request: SyncRequested,
+        answer: Callable[[SyncRequested, list[SyncPage]], object],
+        *,
+        alive: Callable[[], bool] = lambda: True,
+    ) -> None:
+        """Call ``answer(request, pages)`` now, or from a task once the device may sync.
+
+        The gateway's entry: a device within its budget is answered at once; one in
+        debt waits in a task (the connection keeps reading frames, so the session's
+        syncs-in-flight quota refuses further ones), and is answered only if
+        ``alive()`` still holds then. A store failure answers with no pages (the
+        client asks again after its sync timeout). O(1) plus :meth:`sync_now`.
+        """
+        if self._closed:
+            return
+        if self.sync_wait_ms(request.uid, request.device) == 0:
+            self._answer(request, answer)
+            return
+        task = self._loop.create_task(self._sync_in_turn(request, answer, alive))
+        self._sync_tasks.add(task)
+        task.add_done_callback(self._sync_tasks.discard)
+
+    async def _sync_in_turn(
+        self,
+        request: SyncRequested,
+        answer: Callable[[SyncRequested, list[SyncPage]], object],
+        alive: Callable[[], bool],
+    ) -> None:
+        await self.sync_turn(request.uid, request.device)
+        if alive() and not self._closed:
+            self._answer(request, answer)
+
+    def _answer(
+        self, request: SyncRequested, answer: Callable[[SyncRequested, list[SyncPage]], object]
+    ) -> None:
+        try:
+            pages = self.sync_now(request.uid, request.device, request.after, request.limit)
+        except ImkitError:
+            logger.exception("sync of %s failed", request.uid)
+            pages = []
+        answer(request, pages)
+
+    def sync_now(
+        self, uid: str, device: str, after: Sequence[tuple[str, int]], limit: int
+    ) -> list[SyncPage]:
+        """The pages answering a SyncRequest now, charged to the device's budget.
+
+        Each store call is one unit (the budget may go into debt: the device's next
+        sync waits). O(entries listed + messages returned); store calls at most
+        2 x ``max_sync_entries`` for a listed request, 2 + the user's conversations
+        + pages read for an inbox sync.
+        """
         self.stats.syncs += 1
         store = self.store
         cfg = self.config
-        wanted: list[tuple[str, int]] = []
+        key = (uid, device)
+        work = 0
+        wanted: dict[str, int] = {}  # conv -> where its page starts (in request order)
+        cut: set[str] = set()  # listed past max_sync_entries: answered more=True unexamined
+        strangers: set[str] = set()  # listed, but not the user's: an empty final page
         if after:
-            for conv, seq in after[: cfg.max_sync_pages]:
-                self.note_cursor(uid, device, conv, seq)
-                wanted.append((conv, seq))
+            for conv, seq in after:
+                start = wanted.get(conv)
+                if start is None:
+                    if len(wanted) >= cfg.max_sync_pages:
+                        continue
+                    wanted[conv] = seq
+                elif seq < start:
+                    wanted[conv] = seq  # the lowest cursor: a page from there holds them all
+            if key not in self._cursors and store.durable:
+                work += 1  # the device's cursors are loaded when it is first noted
+            for i, (conv, seq) in enumerate(wanted.items()):
+                if i >= cfg.max_sync_entries:
+                    cut.add(conv)
+                    continue
+                # checked every time (never from the cursors: the user may have left)
+                work += 1
+                if store.is_member(uid, conv):
+                    self._note_member(key, conv, seq)
+                else:
+                    strangers.add(conv)
         else:
-            known = self._cursors.get((uid, device), {})
-            for conv in sorted(store.conversations_of(uid)):
+            loaded = key in self._cursors
+            known = self._device_cursors(key)
+            work += 1 + (not loaded and store.durable)  # conversations_of (+ the load)
+            convs = sorted(store.conversations_of(uid))
+            for conv in convs:
                 start = known.get(conv, 0)
+                work += 1
                 if store.last_seq(conv) > start:
-                    wanted.append((conv, start))
+                    wanted[conv] = start
                     if len(wanted) >= cfg.max_sync_pages:
                         break  # the rest come with the next inbox sync
         budget = cfg.sync_budget
         pages: list[SyncPage] = []
-        for conv, seq in wanted:
-            if budget <= 0 or not store.is_member(uid, conv):
-                # out of budget: an empty page with more=True makes the client ask again;
-                # not a member: an empty final page (nothing there for this user)
-                pages.append(SyncPage(conv=conv, messages=(), more=budget <= 0))
+        for conv, seq in wanted.items():
+            if budget <= 0 or conv in cut or conv in strangers:
+                # out of budget, or past the per-request cap: an empty page with
+                # more=True makes the client ask again; not a member: an empty final
+                # page (nothing there for this user)
+                more = conv not in strangers
+                pages.append(SyncPage(conv=conv, messages=(), more=more))
                 continue
+            work += 1
             page = store.read(conv, seq, limit)
             messages: list[Push] = []
             for m in page.messages:
@@ -586,6 +884,9 @@ class Logic:
                 messages.append(push)
             more = page.more or len(messages) < len(page.messages)
             pages.append(SyncPage(conv=conv, messages=tuple(messages), more=more))
+        self.stats.sync_cut += len(cut)
+        self.stats.sync_work += work
+        self._bucket(key).milli -= work * 1000
         return pages
 
     def resync_entries(self, uid: str) -> list[tuple[str, int]]:
@@ -601,9 +902,15 @@ class Logic:
     # -- receipts -------------------------------------------------------------------------------
 
     async def receipt(self, uid: str, conv: str, seq: int) -> None:
-        """``uid`` read ``conv`` up to ``seq``: move its cursor, tell the others (small convs)."""
+        """``uid`` read ``conv`` up to ``seq``: move its cursor; if it moved, tell the
+        others (small convs). O(1) store calls plus O(members) when it moved."""
         store = self.store
         try:
+            if seq <= store.get_read(uid, conv):
+                # the cursor stays: nothing is written and nobody is told (a repeated
+                # receipt in a 100-member group would otherwise cost 99 pushes)
+                self.stats.receipts_unmoved += 1
+                return
             cursor = store.set_read(uid, conv, seq)
         except (StoreError, ConfigError):
             return  # not a member, or a seq that does not exist: ignored

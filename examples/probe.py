@@ -127,7 +127,7 @@ class RawClient:
 
 
 async def _main(args: argparse.Namespace) -> int:
-    from examples.chat import fetch_token
+    from .chat import fetch_token
 
     device = "probe"
     token = await fetch_token(args.ipconf, args.user, device)

@@ -8,7 +8,7 @@ dir=$(mktemp -d)
 trap 'kill -INT "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$dir"' EXIT
 
 # Free ports (--port-base 0) so a busy machine cannot break the check.
-"$PY" -m examples.cluster --port-base 0 --ready-file "$dir/ready.json" -q >"$dir/cluster.log" 2>&1 &
+"$PY" -m examples.cluster --dev --port-base 0 --ready-file "$dir/ready.json" -q >"$dir/cluster.log" 2>&1 &
 pid=$!
 for _ in $(seq 1 100); do [ -s "$dir/ready.json" ] && break; sleep 0.1; done
 [ -s "$dir/ready.json" ] || { echo "launcher did not start"; cat "$dir/cluster.log"; exit 1; }

@@ -63,6 +63,7 @@ __all__ = [
     "Backend",
     "Model",
     "TestAppend",
+    "TestDeviceCursors",
     "TestInbox",
     "TestLifecycle",
     "TestRead",
@@ -517,6 +518,101 @@ class TestReadCursors:
         assert store.get_read("bob", conv) == 0
 
 
+    def test_a_cursor_that_stays_returns_the_cursor(self, store: MessageStore) -> None:
+        """Repeating or lowering set_read changes nothing and returns the current cursor."""
+        conv = _group(store)
+        _fill(store, conv, 3)
+        assert store.set_read("alice", conv, 2) == 2
+        assert store.set_read("alice", conv, 2) == 2
+        assert store.set_read("alice", conv, 0) == 2
+        assert store.read_cursors(conv) == {"alice": 2}
+
+
+# --- device cursors -------------------------------------------------------------------
+
+
+class TestDeviceCursors:
+    def test_an_unknown_device_has_no_cursors(self, store: MessageStore) -> None:
+        """device_cursors of a device never written is empty; of an unknown user, UserNotFound."""
+        _group(store)
+        assert store.device_cursors("alice", "phone") == {}
+        with pytest.raises(UserNotFound):
+            store.device_cursors("nobody", "phone")
+        with pytest.raises(UserNotFound):
+            store.set_device_cursors("nobody", "phone", {"g": 1})
+
+    def test_cursors_only_move_forward_and_are_clamped(self, store: MessageStore) -> None:
+        """Each cursor keeps its highest value, at most the conversation's last seq."""
+        conv = _group(store)
+        _fill(store, conv, 5)
+        store.set_device_cursors("alice", "phone", {conv: 3})
+        store.set_device_cursors("alice", "phone", {conv: 2})
+        assert store.device_cursors("alice", "phone") == {conv: 3}
+        store.set_device_cursors("alice", "phone", {conv: 99})
+        assert store.device_cursors("alice", "phone") == {conv: 5}
+        assert store.device_cursors("alice", "laptop") == {}  # per device
+        assert store.device_cursors("bob", "phone") == {}  # per user
+
+    def test_conversations_of_others_are_ignored(self, store: MessageStore) -> None:
+        """A cursor for a conversation the user is not in (or that does not exist) is dropped."""
+        conv = _group(store)
+        store.create_user("carol")
+        store.create_group("other", ["carol"])
+        _fill(store, conv, 2)
+        store.append("other", "carol", 1, b"x", now_ms=1)
+        store.set_device_cursors("alice", "phone", {conv: 1, "other": 1, "nowhere": 4})
+        assert store.device_cursors("alice", "phone") == {conv: 1}
+        store.set_device_cursors("alice", "phone", {conv: 0})  # 0 is no cursor
+        assert store.device_cursors("alice", "phone") == {conv: 1}
+
+    def test_leaving_forgets_the_device_cursors(self, store: MessageStore) -> None:
+        """After leave, no device of the user keeps a cursor in that conversation."""
+        conv = _group(store)
+        _fill(store, conv, 2)
+        store.set_device_cursors("bob", "phone", {conv: 2})
+        store.set_device_cursors("bob", "laptop", {conv: 1})
+        store.leave("bob", conv)
+        assert store.device_cursors("bob", "phone") == {}
+        assert store.device_cursors("bob", "laptop") == {}
+        store._check()
+
+    def test_the_least_recently_written_device_is_forgotten(self, backend: Backend) -> None:
+        """Past max_devices_per_user, writing a new device drops the stalest one."""
+        s = backend.make(max_devices_per_user=2)
+        conv = _group(s)
+        _fill(s, conv, 3)
+        s.set_device_cursors("alice", "a", {conv: 1})
+        s.set_device_cursors("alice", "b", {conv: 1})
+        s.set_device_cursors("alice", "a", {conv: 2})  # "a" is now the fresher one
+        s.set_device_cursors("alice", "c", {conv: 3})  # evicts "b"
+        assert s.device_cursors("alice", "a") == {conv: 2}
+        assert s.device_cursors("alice", "b") == {}
+        assert s.device_cursors("alice", "c") == {conv: 3}
+        assert s.device_cursors("bob", "x") == {}
+        s._check()
+        s.close()
+
+    @pytest.mark.parametrize(
+        "cursors", [{"": 1}, {"g": -1}, {"g": 2**63}, {"g": True}, {"g": "1"}, [("g", 1)]]
+    )
+    def test_bad_cursors_raise_config_error(self, store: MessageStore, cursors: Any) -> None:
+        """A malformed conv or seq (or not a mapping) is refused and nothing is written."""
+        _group(store)
+        with pytest.raises(ConfigError):
+            store.set_device_cursors("alice", "phone", cursors)
+        with pytest.raises(ConfigError):
+            store.device_cursors("alice", "")
+        assert store.device_cursors("alice", "phone") == {}
+
+    def test_more_cursors_than_conversations_allowed_is_refused(self, backend: Backend) -> None:
+        """A mapping longer than max_conversations_per_user raises CapacityError."""
+        s = backend.make(max_conversations_per_user=2)
+        _group(s)
+        with pytest.raises(CapacityError):
+            s.set_device_cursors("alice", "phone", {"a": 1, "b": 1, "c": 1})
+        s.close()
+
+
 # --- registry -----------------------------------------------------------------------
 
 
@@ -735,6 +831,22 @@ class TestRestart:
         s = persistent.reopen(s)
         assert s.append(conv, "alice", 77, b"once", now_ms=2) == first
         assert s.last_seq(conv) == 1
+        s.close()
+
+    def test_device_cursors_survive_a_restart(self, persistent: Backend) -> None:
+        """A device's cursors and the devices' write order read back the same after reopen."""
+        s = persistent.make(max_devices_per_user=2)
+        conv = _group(s)
+        _fill(s, conv, 4)
+        s.set_device_cursors("alice", "old", {conv: 1})
+        s.set_device_cursors("alice", "phone", {conv: 4})
+        s = persistent.reopen(s)
+        assert s.durable
+        assert s.device_cursors("alice", "phone") == {conv: 4}
+        s.set_device_cursors("alice", "new", {conv: 2})  # "old" is still the stalest
+        assert s.device_cursors("alice", "old") == {}
+        assert s.device_cursors("alice", "phone") == {conv: 4}
+        s._check()
         s.close()
 
     def test_inbox_cursors_continue_after_a_restart(self, persistent: Backend) -> None:

@@ -120,7 +120,12 @@ pushes: st.SearchStrategy[Push] = st.builds(
 
 _STRATEGIES: dict[type, st.SearchStrategy[Message]] = {
     Login: st.builds(
-        Login, token=texts(MAX_TOKEN_BYTES, min_size=1), device=ids, resume=optional_ids
+        Login,
+        token=texts(MAX_TOKEN_BYTES, min_size=1),
+        device=ids,
+        resume=optional_ids,
+        min_version=st.just(1),
+        max_version=st.one_of(st.just(1), uints),
     ),
     LoginAck: st.builds(
         LoginAck,
@@ -131,6 +136,10 @@ _STRATEGIES: dict[type, st.SearchStrategy[Message]] = {
         reconnect_min_ms=st.one_of(st.just(500), uints),
         reconnect_max_ms=st.one_of(st.just(30_000), uints),
         server_ms=st.one_of(st.just(0), uints),
+        version=st.one_of(st.just(1), uints),
+        max_frames_per_s=st.one_of(st.just(0), uints),
+        frame_burst=st.one_of(st.just(0), uints),
+        max_sends_in_flight=st.one_of(st.just(0), uints),
     ),
     Ping: st.builds(Ping, nonce=st.one_of(st.just(0), uints)),
     Pong: st.builds(Pong, nonce=uints, server_ms=st.one_of(st.just(0), uints)),
@@ -143,6 +152,7 @@ _STRATEGIES: dict[type, st.SearchStrategy[Message]] = {
         msg_id=uints,
         server_ms=uints,
         error=st.one_of(st.just(0), error_codes),
+        retry_after_ms=st.one_of(st.just(0), uints),
     ),
     Push: pushes,
     PushBatch: st.builds(PushBatch, pushes=_tuples(pushes, min_size=1)),

@@ -33,7 +33,7 @@ from imkit.errors import (
     ConfigError,
     ConnectionClosed,
     HttpError,
-    SendFailed,
+    SendError,
 )
 from imkit.policy import Backoff, HeartbeatPolicy
 from imkit.protocol import ErrorCode, Ping, Push, Receipt, SyncPage
@@ -41,7 +41,7 @@ from imkit.session import (
     CloseConnection,
     Output,
     ReceiptPosted,
-    SendFailure,
+    SendFailed,
     SendRequested,
     ServerConfig,
     ServerSession,
@@ -257,17 +257,17 @@ class TestSendAndReceive:
 
 class TestApplicationApi:
     def test_a_refused_send_raises_send_failed(self, run: Runner) -> None:
-        """A send the server refuses (NOT_MEMBER) raises SendFailed; on_event sees why."""
+        """A send the server refuses (NOT_MEMBER) raises SendError; on_event sees why."""
 
         async def main() -> tuple[int, list[SessionEvent]]:
             events: list[SessionEvent] = []
             async with gateway() as (_gw, port), client(port, on_event=events.append) as c:
-                with pytest.raises(SendFailed) as info:
+                with pytest.raises(SendError) as info:
                     await c.send("forbidden", b"x")
                 return info.value.cid, events
 
         cid, events = run(main())
-        failures = [e for e in events if isinstance(e, SendFailure)]
+        failures = [e for e in events if isinstance(e, SendFailed)]
         assert [(f.cid, f.code) for f in failures] == [(cid, ErrorCode.NOT_MEMBER)]
 
     def test_mark_read_reaches_the_server(self, run: Runner) -> None:

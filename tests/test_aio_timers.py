@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -11,8 +14,23 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
-from imkit.aio import DeadlineTimer, WheelDriver, loop_ms
+from imkit.aio import (
+    DeadlineTimer,
+    FramedConnection,
+    WheelDriver,
+    loop_ms,
+    serve,
+    uvloop_available,
+)
+from imkit.aio import run as aio_run
+from imkit.errors import ConfigError
+from imkit.protocol import Connection, Login, Ping, Role
 from imkit.timingwheel import TimerHandle
+
+LOOPS = [
+    False,
+    pytest.param(True, marks=pytest.mark.skipif(not uvloop_available(), reason="no uvloop")),
+]
 
 
 class _FakeHandle:
@@ -288,3 +306,187 @@ class TestRearmAndDeadlineTimer:
         deadlines.append(start + 2000)
         timer.rearm()
         assert loop.armed() == []
+
+
+class TestStalledLoop:
+    """A loop that did not run for a while reads what arrived before timers judge silence."""
+
+    def test_a_late_wakeup_waits_for_a_catch_up_then_fires(self) -> None:
+        """Woken later than stall_ms: nothing fires until catch_up_ms later; stalls counts it."""
+        loop = FakeLoop()
+        fired: list[tuple[int, str]] = []
+        driver: WheelDriver[str] = WheelDriver(
+            lambda item: fired.append((driver.now_ms(), item)),
+            stall_ms=1000,
+            catch_up_ms=100,
+            loop=cast(asyncio.AbstractEventLoop, loop),
+        )
+        start = driver.now_ms()
+        driver.add(start + 500, "silent")
+        driver.add(start + 500, "pinger")
+        loop.now += 5.0  # the process was stopped for 5 s; the wake-up runs only now
+        loop.run_until(loop.now)
+        assert fired == [] and driver.stalls == 1
+        assert driver.armed_ms == start + 5000 + 100
+        loop.run_until(loop.now + 0.1)
+        assert sorted(item for _, item in fired) == ["pinger", "silent"]
+        assert all(t >= start + 5100 for t, _ in fired)
+
+    def test_a_deadline_moved_during_the_catch_up_does_not_fire(self) -> None:
+        """A timer rescheduled during the catch-up (a frame read) survives the stall."""
+        loop = FakeLoop()
+        fired: list[str] = []
+        driver: WheelDriver[str] = WheelDriver(
+            fired.append, stall_ms=1000, catch_up_ms=100, loop=cast(asyncio.AbstractEventLoop, loop)
+        )
+        start = driver.now_ms()
+        driver.add(start + 500, "silent")
+        pinger = driver.add(start + 500, "pinger")
+        loop.now += 5.0
+        loop.run_until(loop.now)
+        assert fired == []
+        driver.reschedule(pinger, driver.now_ms() + 500)  # its ping, read during the catch-up
+        loop.run_until(loop.now + 0.1)
+        assert fired == ["silent"]
+        loop.run_until(loop.now + 1.0)
+        assert fired == ["silent", "pinger"]
+
+    def test_sustained_lateness_postpones_only_once(self) -> None:
+        """A loop late on every wake-up (overload) gets one catch-up, then timers fire."""
+        loop = FakeLoop()
+        fired: list[str] = []
+        driver: WheelDriver[str] = WheelDriver(
+            fired.append, stall_ms=1000, catch_up_ms=100, loop=cast(asyncio.AbstractEventLoop, loop)
+        )
+        start = driver.now_ms()
+        driver.add(start + 500, "a")
+        loop.now += 5.0
+        loop.run_until(loop.now)  # late: catch-up
+        assert fired == [] and driver.stalls == 1
+        loop.now += 3.0  # the catch-up wake-up is itself 3 s late: fire, do not postpone again
+        loop.run_until(loop.now)
+        assert fired == ["a"] and driver.stalls == 1
+
+    def test_a_new_stall_after_an_on_time_wakeup_gets_its_own_catch_up(self) -> None:
+        """Once a wake-up came on time, the next stall is caught up again (counted twice)."""
+        loop = FakeLoop()
+        fired: list[str] = []
+        driver: WheelDriver[str] = WheelDriver(
+            fired.append, stall_ms=1000, catch_up_ms=100, loop=cast(asyncio.AbstractEventLoop, loop)
+        )
+        start = driver.now_ms()
+        driver.add(start + 500, "a")
+        loop.now += 5.0
+        loop.run_until(loop.now + 0.1)
+        assert fired == ["a"]
+        driver.add_later(50, "on time")
+        loop.run_until(loop.now + 0.05)
+        assert fired == ["a", "on time"]
+        driver.add_later(500, "b")
+        loop.now += 5.0
+        loop.run_until(loop.now)
+        assert fired == ["a", "on time"] and driver.stalls == 2
+        loop.run_until(loop.now + 0.1)
+        assert fired == ["a", "on time", "b"]
+
+    def test_bad_keywords_are_refused(self) -> None:
+        """stall_ms and catch_up_ms must be positive (or stall_ms None: no catch-up)."""
+        loop = cast(asyncio.AbstractEventLoop, FakeLoop())
+        with pytest.raises(ConfigError):
+            WheelDriver(print, stall_ms=0, loop=loop)
+        with pytest.raises(ConfigError):
+            WheelDriver(print, catch_up_ms=0, loop=loop)
+        fired: list[str] = []
+        fake = FakeLoop()
+        driver: WheelDriver[str] = WheelDriver(
+            fired.append, stall_ms=None, loop=cast(asyncio.AbstractEventLoop, fake)
+        )
+        driver.add_later(10, "x")
+        fake.now += 5.0
+        fake.run_until(fake.now)
+        assert fired == ["x"] and driver.stalls == 0
+
+    @pytest.mark.parametrize("use_uvloop", LOOPS, ids=["asyncio", "uvloop"])
+    def test_a_blocked_loop_does_not_cut_a_client_that_kept_pinging(self, use_uvloop: bool) -> None:
+        """Loop blocked 2.5 s (deadline 0.4 s): the pinging peer survives, the silent one is cut."""
+        deadline_ms = 400
+        cut: list[str] = []
+        stop = threading.Event()
+        quiet = threading.Event()
+
+        def peer(port: int, name: str, silent_after: threading.Event | None) -> None:
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                codec = Connection(Role.CLIENT)
+                sock.sendall(codec.send(Login(token="t", device=name)))
+                while not stop.is_set():
+                    if silent_after is None or not silent_after.is_set():
+                        sock.sendall(codec.send(Ping()))
+                    time.sleep(0.05)
+
+        async def main() -> tuple[list[str], int]:
+            driver: WheelDriver[str] = WheelDriver(cut.append)  # default stall_ms / catch_up_ms
+            handles: dict[str, TimerHandle[str]] = {}
+
+            async def handler(conn: FramedConnection) -> None:
+                name = ""
+                async for msg in conn:
+                    if isinstance(msg, Login):
+                        name = msg.device
+                        handles[name] = driver.add_later(deadline_ms, name)
+                    elif isinstance(msg, Ping) and name in handles:
+                        driver.reschedule(handles[name], driver.now_ms() + deadline_ms)
+
+            async with await serve(handler, "127.0.0.1", 0) as server:
+                threads = [
+                    threading.Thread(target=peer, args=(server.port, "pinger", None)),
+                    threading.Thread(target=peer, args=(server.port, "silent", quiet)),
+                ]
+                for t in threads:
+                    t.start()
+                try:
+                    for _ in range(200):
+                        if len(handles) == 2:
+                            break
+                        await asyncio.sleep(0.01)
+                    await asyncio.sleep(0.5)
+                    assert cut == []
+                    quiet.set()
+                    time.sleep(2.5)  # the loop is blocked; "pinger" keeps sending
+                    await asyncio.sleep(1.0)
+                    return list(cut), driver.stalls
+                finally:
+                    stop.set()
+                    for t in threads:
+                        await asyncio.get_running_loop().run_in_executor(None, t.join, 5)
+                    driver.close()
+
+        out, stalls = aio_run(main(), use_uvloop=use_uvloop)
+        assert out == ["silent"] and stalls >= 1
+
+    def test_deadline_timer_catches_up_after_a_stall(self) -> None:
+        """DeadlineTimer woken 5 s late calls on_due only catch_up_ms later, once per stall."""
+        loop = FakeLoop()
+        deadlines: list[int] = []
+        calls: list[int] = []
+
+        def on_due(now_ms: int) -> None:
+            calls.append(now_ms)
+            deadlines.clear()
+
+        timer = DeadlineTimer(
+            lambda: deadlines[0] if deadlines else None,
+            on_due,
+            stall_ms=1000,
+            catch_up_ms=100,
+            loop=cast(asyncio.AbstractEventLoop, loop),
+        )
+        start = timer.now_ms()
+        deadlines.append(start + 500)
+        timer.rearm()
+        loop.now += 5.0
+        loop.run_until(loop.now)
+        assert calls == [] and timer.stalls == 1 and timer.armed_ms == start + 5100
+        timer.rearm()  # a call into the object during the catch-up keeps the catch-up
+        assert timer.armed_ms == start + 5100
+        loop.run_until(loop.now + 0.1)
+        assert calls == [start + 5100]

@@ -336,10 +336,13 @@ class TestBackPressure:
 
 class TestServer:
     def test_connections_over_the_limit_are_told_to_come_back(self, run: Runner) -> None:
-        """Past max_connections a client gets Kick(SERVER_BUSY) with the retry hint."""
+        """Past max_connections (all logged in) a client gets Kick(SERVER_BUSY), retry hint."""
 
         async def main() -> list[Message]:
-            async with await pong_server(max_connections=1, busy_retry_after_ms=1234) as server:
+            # handshake_timeout_ms=None: no login phase, every connection counts as logged in
+            async with await pong_server(
+                max_connections=1, busy_retry_after_ms=1234, handshake_timeout_ms=None
+            ) as server:
                 first = await open_connection(HOST, server.port)
                 first.send(Ping(nonce=1))
                 assert await first.recv() == Pong(nonce=1)

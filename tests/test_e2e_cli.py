@@ -32,8 +32,8 @@ def launcher(tmp_path: Path) -> Iterator[tuple[dict[str, Any], subprocess.Popen[
     """A running ``python -m examples.cluster`` and what its ready file says."""
     ready = tmp_path / "ready.json"
     proc = subprocess.Popen(
-        _python("examples.cluster", "--port-base", "0", "--gateways", "2", "--ready-file",
-                str(ready), "-q"),
+        _python("examples.cluster", "--dev", "--port-base", "0", "--gateways", "2",
+                "--ready-file", str(ready), "-q"),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

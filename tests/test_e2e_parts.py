@@ -183,10 +183,10 @@ class TestHttp:
         ("data", "status"),
         [
             (b"GET / HTTP/1.1\r\nX: " + b"a" * 20_000 + b"\r\n\r\n", b"431"),
-            (b"POST / HTTP/1.1\r\nContent-Length: 999999\r\n\r\n", b"413"),
-            (b"PUT / HTTP/1.1\r\n\r\n", b"405"),
+            (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 999999\r\n\r\n", b"413"),
+            (b"PUT / HTTP/1.1\r\nHost: h\r\n\r\n", b"405"),
             (b"GARBAGE\r\n\r\n", b"400"),
-            (b"GET /boom HTTP/1.1\r\n\r\n", b"500"),
+            (b"GET /boom HTTP/1.1\r\nHost: h\r\n\r\n", b"500"),
         ],
     )
     def test_bad_requests_get_a_bare_error(self, data: bytes, status: bytes) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+import attrs
 import pytest
 from examples.cluster import ClusterConfig, start_cluster
 from examples.loadgen import (
@@ -151,7 +152,7 @@ class TestProc:
 
 
 async def _in_process(config: LoadConfig, cluster_config: ClusterConfig) -> LoadResult:
-    cluster = await start_cluster(cluster_config)
+    cluster = await start_cluster(attrs.evolve(cluster_config, dev=True))
     try:
         target = Target(ipconf=cluster.ipconf_url, secret=cluster.secret)
         return await run_load(target, config)

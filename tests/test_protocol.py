@@ -300,7 +300,22 @@ class TestDecodeErrors:
             (FrameType.PING, b"\x81\x19\x00\x07", MalformedBody),
             (FrameType.PING, b"\x81\x1a\x00\x00\x00\x07", MalformedBody),
             (FrameType.PING, b"\x81\x1b" + (7).to_bytes(8, "big"), MalformedBody),
-            (FrameType.PING, b"\x82\x07\x07", MalformedBody),  # too many fields
+            (FrameType.PING, b"\x98\x12" + b"\x07" * 18, MalformedBody),  # 17 unknown fields
+            (FrameType.PING, b"\x98\x02\x07\x07", MalformedBody),  # a non-shortest struct head
+            (FrameType.PING, b"\x82\x07\xa0", MalformedBody),  # an unknown field: a map
+            (FrameType.PING, b"\x82\x07\xc1\x01", MalformedBody),  # ... a tag
+            (FrameType.PING, b"\x82\x07\xf6", MalformedBody),  # ... null
+            (FrameType.PING, b"\x82\x07\xf9\x7e\x00", MalformedBody),  # ... a float
+            (FrameType.PING, b"\x82\x07\x9f\xff", MalformedBody),  # ... indefinite
+            (FrameType.PING, b"\x82\x07\x18\x05", MalformedBody),  # ... non-shortest
+            (FrameType.PING, b"\x82\x07\x81\x81\x81\x01", MalformedBody),  # ... too deep
+            (FrameType.PING, b"\x82\x07\x20", InvalidField),  # ... negative
+            (FrameType.PING, b"\x82\x07\x1b" + b"\xff" * 8, InvalidField),  # ... > 2**63 - 1
+            (FrameType.PING, b"\x82\x07\x62\xc3\x28", InvalidField),  # ... bad UTF-8
+            (FrameType.PING, b"\x82\x07\x99\x04\x01" + b"\x00" * 1025, InvalidField),  # 1025
+            (FrameType.PING, b"\x82\x07\x5a\xff\xff\xff\xff", MalformedBody),  # ... huge
+            (FrameType.PING, b"\x82\x07\x83\x01", MalformedBody),  # ... truncated array
+            (FrameType.PING, b"\x82\x07", MalformedBody),  # ... missing
             (FrameType.PING, b"\x07", MalformedBody),  # not an array
             (FrameType.PING, b"\x81", MalformedBody),  # truncated
             (FrameType.PING, b"\x81\x1b\x00", MalformedBody),  # truncated uint

@@ -127,6 +127,8 @@ FIELDS: dict[type, list[tuple[str, Rule, object]]] = {
         ("token", _text(1024, nonempty=True), REQUIRED),
         ("device", ID, REQUIRED),
         ("resume", OPTIONAL_ID, ""),
+        ("min_version", _uint, 1),
+        ("max_version", _uint, 1),
     ],
     LoginAck: [
         ("uid", ID, REQUIRED),
@@ -136,6 +138,10 @@ FIELDS: dict[type, list[tuple[str, Rule, object]]] = {
         ("reconnect_min_ms", _uint, 500),
         ("reconnect_max_ms", _uint, 30_000),
         ("server_ms", _uint, 0),
+        ("version", _uint, 1),
+        ("max_frames_per_s", _uint, 0),
+        ("frame_burst", _uint, 0),
+        ("max_sends_in_flight", _uint, 0),
     ],
     Ping: [("nonce", _uint, 0)],
     Pong: [("nonce", _uint, 0), ("server_ms", _uint, 0)],
@@ -148,6 +154,7 @@ FIELDS: dict[type, list[tuple[str, Rule, object]]] = {
         ("msg_id", _uint, 0),
         ("server_ms", _uint, 0),
         ("error", _code, ErrorCode.OK),
+        ("retry_after_ms", _uint, 0),
     ],
     Push: [
         ("conv", ID, REQUIRED),
@@ -177,14 +184,36 @@ FIELDS: dict[type, list[tuple[str, Rule, object]]] = {
 }
 
 
+#: Unknown trailing fields a struct may carry, and array nesting inside one
+#: (docs/protocol.md, "Unknown trailing fields").
+EXTRA_FIELDS = 16
+EXTRA_DEPTH = 2
+
+
+def _unknown(v: Any, depth: int = 0) -> None:
+    """An unknown field: any item of the wire subset, arrays nested at most EXTRA_DEPTH."""
+    if type(v) is bool or type(v) is str or type(v) is bytes:
+        return
+    if type(v) is int:
+        _uint(v)
+        return
+    if type(v) is list and len(v) <= ITEMS and depth < EXTRA_DEPTH:
+        for x in v:
+            _unknown(x, depth + 1)
+        return
+    raise Reject(f"unknown field {v!r} outside the wire subset")
+
+
 def _build(cls: type, item: Any) -> Any:
     fields = FIELDS[cls]
     least = sum(1 for _, _, d in fields if d is REQUIRED)
-    if type(item) is not list or not least <= len(item) <= len(fields):
+    if type(item) is not list or not least <= len(item) <= len(fields) + EXTRA_FIELDS:
         raise Reject(f"{cls.__name__}: bad field count")
     kwargs = {}
     for i, (name, rule, default) in enumerate(fields):
         kwargs[name] = rule(item[i]) if i < len(item) else default
+    for extra in item[len(fields) :]:
+        _unknown(extra)
     return cls(**kwargs)
 
 

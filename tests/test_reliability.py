@@ -1,4 +1,4 @@
-"""The reliability harness (benchmarks/reliability.py) at a small scale, so CI tests it.
+"""The reliability harness (benchmarks/reliability/) at a small scale, so CI tests it.
 
 Each test runs one scenario of ``docs/reliability.md`` scaled down (a dozen clients,
 a couple of seconds of load) and asserts the Jepsen-style history check's zero
@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 from benchmarks.reliability import (
-    Check,
     ScenarioResult,
     scenario_dropped_acks,
     scenario_gateway_kill,
@@ -27,6 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from imkit.protocol import DEFAULT_MAX_FRAME_SIZE, Ping, Push, PushAck, Send, encode
+from tests.history import Check
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(120)]
 

@@ -50,7 +50,7 @@ from imkit.session import (
     ReceiptPosted,
     ReceiptReceived,
     SendAcked,
-    SendFailure,
+    SendFailed,
     SendRequested,
     ServerConfig,
     ServerError,
@@ -291,6 +291,21 @@ class TestServerUpstream:
             s.session.ack_send(cid, cid)
         req = only(s.recv(Send(cid=1, conv="c", body=b"x")), SendRequested)[0]
         assert req.repeat
+
+    def test_a_cid_reused_for_another_conversation_is_refused(self) -> None:
+        """A cid resent for a different conv gets BAD_REQUEST for that conv, never the first ack."""
+        s = Server()
+        s.login()
+        s.recv(Send(cid=5, conv="c", body=b"hi"))
+        # while the first is pending ...
+        out = s.recv(Send(cid=5, conv="d", body=b"other"))
+        assert out == [SendAck(cid=5, conv="d", error=ErrorCode.BAD_REQUEST)]
+        assert s.session.ack_send(5, 17) == [SendAck(cid=5, conv="c", seq=17)]
+        # ... and once it is answered (from the ack cache)
+        out = s.recv(Send(cid=5, conv="d", body=b"other"))
+        assert out == [SendAck(cid=5, conv="d", error=ErrorCode.BAD_REQUEST)]
+        assert s.recv(Send(cid=5, conv="c", body=b"hi")) == [SendAck(cid=5, conv="c", seq=17)]
+        assert s.session.stats.cid_conflicts == 2
 
     def test_stale_cid(self) -> None:
         """A cid older than the window gets SendAck(error=BAD_REQUEST) and is not requested."""
@@ -761,15 +776,15 @@ class TestClientSend:
         assert c.c.stats.unknown_acks == 1
 
     def test_refused_send_fails(self) -> None:
-        """A permanent error in SendAck ends the send with SendFailure(code)."""
+        """A permanent error in SendAck ends the send with SendFailed(code)."""
         c = Client()
         c.connect()
         cid, _ = c.send()
         out = c.recv(SendAck(cid=cid, conv="c", error=ErrorCode.NOT_MEMBER))
-        assert out == [SendFailure(cid=cid, conv="c", code=ErrorCode.NOT_MEMBER, attempts=1)]
+        assert out == [SendFailed(cid=cid, conv="c", code=ErrorCode.NOT_MEMBER, attempts=1)]
 
     def test_retries_exhausted(self) -> None:
-        """Without an answer the same cid is resent on the back-off, then SendFailure(code=0)."""
+        """Without an answer the same cid is resent on the back-off, then SendFailed(code=0)."""
         c = Client(send_retry=ExponentialBackoff(base_ms=100, cap_ms=1000, max_attempts=2),
                    heartbeat=HeartbeatPolicy(interval_ms=10**6, jitter=0.0))
         c.connect(heartbeat_ms=10**6)
@@ -778,7 +793,7 @@ class TestClientSend:
         assert only(c.advance(1), Send) == [Send(cid=cid, conv="c", body=b"x", client_ms=0)]
         assert only(c.advance(200), Send)[0].cid == cid
         out = c.advance(400)
-        assert only(out, SendFailure) == [SendFailure(cid=cid, conv="c", code=0, attempts=3)]
+        assert only(out, SendFailed) == [SendFailed(cid=cid, conv="c", code=0, attempts=3)]
         assert c.c.in_flight == 0
 
     def test_reconnect_resends_same_cids(self) -> None:
@@ -1183,3 +1198,194 @@ class TestClientFuzz:
                 key = (e.push.conv, e.push.seq)
                 assert key not in seen
                 seen.add(key)
+
+
+# --- protocol versions, pacing, paired defaults (issue 9, issue 8 #3) -------------------
+
+
+class TestPairedDefaults:
+    def test_client_defaults_stay_inside_the_servers(self) -> None:
+        """Client in-flight, cid span and pace stay inside the server's quotas (one module)."""
+        from imkit.session import (
+            DEFAULT_ACK_CACHE,
+            DEFAULT_CID_WINDOW,
+            DEFAULT_FRAME_BURST,
+            DEFAULT_MAX_CID_SPAN,
+            DEFAULT_MAX_FRAMES_PER_S,
+            DEFAULT_MAX_IN_FLIGHT,
+            DEFAULT_MAX_SENDS_IN_FLIGHT,
+            pace_limits,
+        )
+
+        cfg = ServerConfig()
+        assert DEFAULT_MAX_IN_FLIGHT <= DEFAULT_MAX_SENDS_IN_FLIGHT == cfg.max_sends_in_flight
+        assert DEFAULT_MAX_IN_FLIGHT <= DEFAULT_ACK_CACHE == cfg.ack_cache
+        assert 2 * DEFAULT_MAX_CID_SPAN <= DEFAULT_CID_WINDOW == cfg.cid_window
+        rate, burst = pace_limits(DEFAULT_MAX_FRAMES_PER_S, DEFAULT_FRAME_BURST)
+        assert rate < cfg.max_frames_per_s == DEFAULT_MAX_FRAMES_PER_S
+        assert burst < cfg.frame_burst == DEFAULT_FRAME_BURST
+        c = ClientSession(token="t", device="d", now_ms=0)
+        assert c._max_in_flight == DEFAULT_MAX_IN_FLIGHT
+        assert c._max_cid_span == DEFAULT_MAX_CID_SPAN
+
+
+class TestVersionNegotiation:
+    def test_a_login_without_an_offer_is_version_1(self) -> None:
+        """An old client's Login gets version 1 and a LoginAck without version 2 fields."""
+        s = Server()
+        ack = only(s.login(), LoginAck)[0]
+        assert s.session.version == 1
+        assert (ack.version, ack.max_frames_per_s, ack.frame_burst, ack.max_sends_in_flight) == (
+            1, 0, 0, 0,
+        )
+
+    def test_the_highest_common_version_is_chosen(self) -> None:
+        """Offer [1, 9]: the server's highest (2), with its limits in LoginAck."""
+        s = Server(ServerConfig(max_frames_per_s=50, frame_burst=70, max_sends_in_flight=8))
+        ack = only(s.recv(Login(token="tok-a", device="p", min_version=1, max_version=9)),
+                   LoginAck)[0]
+        assert s.session.version == ack.version == 2
+        assert (ack.max_frames_per_s, ack.frame_burst, ack.max_sends_in_flight) == (50, 70, 8)
+
+    def test_a_server_pinned_to_version_1(self) -> None:
+        """ServerConfig(max_version=1) answers a version 2 offer with version 1."""
+        s = Server(ServerConfig(max_version=1))
+        ack = only(s.recv(Login(token="tok-a", device="p", max_version=2)), LoginAck)[0]
+        assert s.session.version == ack.version == 1 and ack.frame_burst == 0
+        with pytest.raises(ConfigError):
+            ServerConfig(max_version=3)
+
+    @pytest.mark.parametrize(("lo", "hi"), [(3, 5), (2, 1)])
+    def test_no_common_version_is_refused(self, lo: int, hi: int) -> None:
+        """An offer with nothing in common (or upside down) is kicked with PROTOCOL_ERROR."""
+        s = Server()
+        out = s.recv(Login(token="tok-a", device="p", min_version=lo, max_version=hi))
+        assert only(out, Kick)[0].code == ErrorCode.PROTOCOL_ERROR
+        assert s.session.stats.version_refusals == 1
+
+    def test_transient_refusals_carry_a_hint_only_from_version_2(self) -> None:
+        """fail_send(retry_after_ms=...) reaches a v2 client; a v1 client gets v1's SendAck."""
+        for offer, hint in ((1, 0), (2, 700)):
+            s = Server()
+            s.recv(Login(token="tok-a", device="p", max_version=offer))
+            s.recv(Send(cid=1, conv="c", body=b"x"))
+            out = s.session.fail_send(1, ErrorCode.SERVER_BUSY, retry_after_ms=700)
+            assert out == [SendAck(cid=1, conv="c", error=ErrorCode.SERVER_BUSY,
+                                   retry_after_ms=hint)]
+
+    def test_the_client_offers_its_range_and_falls_back_after_a_refusal(self) -> None:
+        """Login offers [1, 2]; PROTOCOL_ERROR before LoginAck -> version 1's Login for a while."""
+        c = Client(version_fallback_ms=1000)
+        login = c.c.connection_made(0)[0]
+        assert isinstance(login, Login) and (login.min_version, login.max_version) == (1, 2)
+        c.recv(Error(code=ErrorCode.PROTOCOL_ERROR, reason="protocol error"))
+        c.c.connection_lost(c.now)
+        assert c.c.stats.version_fallbacks == 1
+        login = c.c.connection_made(c.now)[0]
+        assert isinstance(login, Login) and login.max_version == 1
+        assert encode_v1_login_bytes(login)
+        c.c.connection_lost(c.now)
+        c.now += 1000
+        login = c.c.connection_made(c.now)[0]
+        assert isinstance(login, Login) and login.max_version == 2
+
+    def test_the_client_adopts_the_negotiated_version_and_limits(self) -> None:
+        """LoginAck(version=2, limits) sets the version, the pace and the in-flight cap."""
+        c = Client()
+        c.c.connection_made(0)
+        c.recv(LoginAck(uid="alice", session="s", version=2, max_frames_per_s=100,
+                        frame_burst=60, max_sends_in_flight=5))
+        assert c.c.version == 2
+        assert c.c._flight_cap == 5
+        assert c.c._pacer is not None
+        assert (c.c._pacer.rate_per_s, c.c._pacer.burst) == (80, 30)
+
+
+def encode_v1_login_bytes(login: Login) -> bool:
+    """A Login offering only version 1 is byte for byte version 1's Login."""
+    import tests.compat.v1.protocol as v1
+    from imkit.protocol import encode
+
+    old = v1.Login(token=login.token, device=login.device, resume=login.resume)
+    return encode(login) == v1.encode(old)
+
+
+class TestPacing:
+    def _connect(self, c: Client, rate: int, burst: int, in_flight: int = 64) -> None:
+        c.c.connection_made(c.now)
+        c.recv(LoginAck(uid="alice", session="s", version=2, max_frames_per_s=rate,
+                        frame_burst=burst, max_sends_in_flight=in_flight,
+                        heartbeat_ms=10**6))
+
+    def test_a_burst_of_sends_never_exceeds_the_servers_bucket(self) -> None:
+        """300 sends queued offline, a server bucket of 20/s burst 10: no frame is refused."""
+        from imkit.policy import TokenBucket
+
+        c = Client(heartbeat=HeartbeatPolicy(interval_ms=10**6, jitter=0.0))
+        self._connect(c, rate=20, burst=10)  # online once: the client knows the limits
+        c.c.connection_lost(c.now)
+        for _ in range(300):
+            c.send()
+        server = TokenBucket(rate_per_s=20, burst=10, now_ms=0)
+        acked = 0
+        out = c.c.connection_made(0)
+        out += c.recv(LoginAck(uid="alice", session="s", version=2, max_frames_per_s=20,
+                               frame_burst=10, heartbeat_ms=10**6))
+        for _ in range(10_000):
+            for f in frames(out):
+                if isinstance(f, Login):
+                    continue
+                assert server.take(c.now), f"frame {f} over the server's rate at {c.now}"
+            answers = [SendAck(cid=m.cid, conv="c", seq=m.cid) for m in only(out, Send)]
+            out = []
+            for a in answers:
+                out += c.recv(a)
+            acked += len(answers)
+            if acked >= 300:
+                break
+            if not answers:
+                due = c.c.next_deadline_ms()
+                assert due is not None
+                out += c.advance(max(0, due - c.now))
+        assert acked == 300 and c.c.in_flight == 0 and c.c.queued == 0
+
+    def test_acks_coalesce_when_the_budget_runs_low(self) -> None:
+        """One push per frame with little budget: fewer ack frames, ending cumulative at 40."""
+        c = Client(heartbeat=HeartbeatPolicy(interval_ms=10**6, jitter=0.0))
+        self._connect(c, rate=10, burst=8)
+        acks: list[PushAck] = []
+        for seq in range(1, 41):
+            acks += only(c.recv(push("c", seq)), PushAck)
+        for _ in range(100):
+            due = c.c.next_deadline_ms()
+            if due is None or due > c.now + 10_000:
+                break
+            acks += only(c.advance(max(0, due - c.now)), PushAck)
+        assert len(acks) < 40 / 2
+        assert acks[-1] == PushAck(conv="c", seq=40)
+
+    def test_a_busy_sendack_is_retried_after_the_servers_hint(self) -> None:
+        """SendAck(SERVER_BUSY, retry_after_ms=5000): resent at 5 s, not at the 2 s back-off."""
+        c = Client(heartbeat=HeartbeatPolicy(interval_ms=10**6, jitter=0.0))
+        c.connect(heartbeat_ms=10**6)
+        cid, _ = c.send()
+        out = c.recv(SendAck(cid=cid, conv="c", error=ErrorCode.SERVER_BUSY, retry_after_ms=5000))
+        assert out == []
+        assert only(c.advance(4999), Send) == []
+        assert [m.cid for m in only(c.advance(1), Send)] == [cid]
+
+    def test_server_busy_holds_sends(self) -> None:
+        """Error(SERVER_BUSY, retry_after_ms) holds new sends like RATE_LIMITED does."""
+        c = Client(heartbeat=HeartbeatPolicy(interval_ms=10**6, jitter=0.0))
+        c.connect(heartbeat_ms=10**6)
+        c.recv(Error(code=ErrorCode.SERVER_BUSY, retry_after_ms=300))
+        assert only(c.send()[1], Send) == []
+        assert len(only(c.advance(300), Send)) == 1
+
+    def test_an_ack_for_another_conversation_is_not_ours(self) -> None:
+        """A SendAck whose conv differs from the send's is counted and ignored."""
+        c = Client()
+        c.connect()
+        cid, _ = c.send("c")
+        assert c.recv(SendAck(cid=cid, conv="d", seq=9)) == []
+        assert c.c.stats.unknown_acks == 1 and c.c.in_flight == 1

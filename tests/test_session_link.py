@@ -41,7 +41,7 @@ from imkit.session import (
     MessageReceived,
     Output,
     SendAcked,
-    SendFailure,
+    SendFailed,
     SendRequested,
     ServerConfig,
     ServerSession,
@@ -307,7 +307,7 @@ class World:
                 self.body_mismatches += 1
         elif isinstance(ev, SendAcked):
             self.outcomes.setdefault((uid, ev.cid), []).append(("ok", ev.seq))
-        elif isinstance(ev, SendFailure):
+        elif isinstance(ev, SendFailed):
             self.outcomes.setdefault((uid, ev.cid), []).append(("failed", ev.code))
 
     def server_outputs(self, conn: Conn, outs: list[Output]) -> None:

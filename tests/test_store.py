@@ -27,6 +27,7 @@ from imkit.store._base import new_message
 from tests.store_suite import (
     Backend,
     TestAppend,
+    TestDeviceCursors,
     TestInbox,
     TestLifecycle,
     TestRead,
@@ -39,6 +40,7 @@ from tests.store_suite import (
 
 __all__ = [
     "TestAppend",
+    "TestDeviceCursors",
     "TestInbox",
     "TestLifecycle",
     "TestRead",
@@ -347,6 +349,44 @@ class TestSqliteFiles:
         con.close()
         with pytest.raises(StoreError, match="schema version 99"):
             SqliteStore(db_path)
+
+    def test_a_version_1_store_is_upgraded_in_place(self, db_path: Path) -> None:
+        """A store from before the device cursors opens, keeps its messages, gains the tables."""
+        s = SqliteStore(db_path)
+        s.create_user("alice")
+        s.create_group("g", ["alice"])
+        s.append("g", "alice", 1, b"kept", now_ms=1)
+        s.close()
+        con = sqlite3.connect(db_path)
+        con.executescript(
+            "DROP TABLE device_cursors; DROP TABLE devices; PRAGMA user_version = 1;"
+        )
+        con.close()
+        s = SqliteStore(db_path)
+        assert [m.body for m in s.read("g", 0, 10).messages] == [b"kept"]
+        s.set_device_cursors("alice", "phone", {"g": 1})
+        assert s.device_cursors("alice", "phone") == {"g": 1}
+        s._check()
+        s.close()
+
+    def test_a_cursor_that_stays_takes_no_write_lock(self, db_path: Path) -> None:
+        """set_read at or below the cursor (a repeated receipt) runs no write statement."""
+        s = SqliteStore(db_path)
+        s.create_user("alice")
+        s.create_group("g", ["alice"])
+        for cid in range(3):
+            s.append("g", "alice", cid, b"x", now_ms=1)
+        s.set_read("alice", "g", 2)
+        statements: list[str] = []
+        db = s._conn()
+        db.set_trace_callback(statements.append)
+        assert s.set_read("alice", "g", 2) == 2
+        assert s.set_read("alice", "g", 1) == 2
+        db.set_trace_callback(None)
+        writes = [q for q in statements if q.startswith(("BEGIN IMMEDIATE", "UPDATE", "INSERT"))]
+        assert writes == []
+        assert s.set_read("alice", "g", 3) == 3
+        s.close()
 
     def test_an_unopenable_path_raises_store_error(self, tmp_path: Path) -> None:
         """A path in a missing directory raises StoreError."""

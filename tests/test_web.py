@@ -43,7 +43,7 @@ from imkit.protocol import (
 )
 from imkit.session import initial_cid
 from imkit.store import direct_conv_id
-from tests.test_e2e import make_client, online, run, running, take
+from tests.test_e2e import config, make_client, online, run, running, take
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(90)]
 
@@ -74,7 +74,7 @@ class TestBrowser:
         from playwright.async_api import async_playwright
 
         async def main() -> tuple[bytes, list[str], str]:
-            async with running() as cluster:
+            async with running(config(dev=True)) as cluster:  # the page asks /dev/token
                 bob = make_client(cluster, "bob")
                 await online(bob)
                 conv = direct_conv_id("alice", "bob")
@@ -121,7 +121,7 @@ class TestBrowser:
         from playwright.async_api import async_playwright
 
         async def main() -> tuple[list[str], int]:
-            async with running() as cluster:
+            async with running(config(dev=True)) as cluster:  # the page asks /dev/token
                 bob = make_client(cluster, "bob")
                 await online(bob)
                 async with async_playwright() as pw:

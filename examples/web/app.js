@@ -185,7 +185,10 @@ async function connect() {
   state.ws = ws;
   ws.onopen = () => {
     setStatus("logging in...");
-    send(T.LOGIN, [doc.token, device, ""]);
+    // token, device, resume, min_version, max_version: this page speaks protocol
+    // version 2 (it reads fields by position and ignores trailing ones it does not
+    // use, e.g. LoginAck's rate hints; a person typing never nears the rate limit)
+    send(T.LOGIN, [doc.token, device, "", 1, 2]);
     state.syncing = true;
     state.listed = new Map();
     send(T.SYNC, [++state.reqId, [], 100]); // the inbox sync (pipelined after Login)

@@ -88,7 +88,9 @@ function readArg(bytes, pos, info) {
 }
 
 function decodeItem(bytes, pos, depth) {
-  if (depth > 6) throw new Error("nested too deeply");
+  // the deepest message (SyncResponse > pages > SyncPage > messages > Push) is 5
+  // levels; a newer server's unknown trailing fields may nest 2 more (docs/protocol.md)
+  if (depth > 8) throw new Error("nested too deeply");
   if (pos >= bytes.length) throw new Error("truncated body");
   const initial = bytes[pos];
   const major = initial >> 5;

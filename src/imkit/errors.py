@@ -1,8 +1,11 @@
 """The whole exception tree of imkit, in one place.
 
 Every error imkit raises derives from :class:`ImkitError`, so ``except
-ImkitError`` catches them all. Where an error is also the matching builtin, it
-derives from that builtin too (a missing ring node is a ``KeyError``, a bad
+ImkitError`` catches them all. Two kinds pass through unchanged, on purpose:
+``OSError`` from the operating system (a refused connect, a reset socket; the
+reconnecting client keeps it in ``last_error`` and retries) and ``AssertionError``
+from a ``_check()`` invariant method (a bug in imkit). Where an error is also the
+matching builtin, it derives from that builtin too (a missing ring node is a ``KeyError``, a bad
 argument is a ``ValueError``), so callers can catch either. Errors carry data as
 attributes and build their message in ``__str__``; the message never carries
 internal details meant for a peer.
@@ -11,8 +14,9 @@ internal details meant for a peer.
 
     ImkitError
     ├── ConfigError (ValueError)               bad constructor / call arguments
+    ├── UsageError (TypeError)                 the API used the wrong way (a hand-built handle)
+    ├── StateError (RuntimeError)              not allowed now (closed, not started)
     ├── CapacityError                          a documented limit was reached
-    │   └── QuotaExceeded                      a per-connection quota (sends in flight, frames/s)
     ├── EmptyRingError (LookupError)           lookup on a ring with no nodes
     ├── NodeNotFoundError (KeyError)           remove() of a node that is not on the ring
     ├── TimeWentBackwards (ValueError)         now_ms smaller than a previous now_ms
@@ -28,9 +32,8 @@ internal details meant for a peer.
     │       ├── UnexpectedFrame                a frame type this side must never receive
     │       └── TruncatedFrame                 .received, .expected: EOF inside a frame
     ├── SessionError                           the delivery state machines
-    │   ├── NotLoggedIn                        a frame other than login before login
     │   ├── AuthError                          bad, expired or foreign token
-    │   └── SendFailed                         a send exhausted its retries
+    │   └── SendError                          a send was given up (refused, or out of retries)
     ├── SeqError                               seq allocation
     ├── StoreError                             message store backends
     │   ├── ConversationNotFound (KeyError)
@@ -61,18 +64,18 @@ __all__ = [
     "LocalProtocolError",
     "MalformedBody",
     "NodeNotFoundError",
-    "NotLoggedIn",
     "NotMember",
     "ProtocolError",
-    "QuotaExceeded",
     "RemoteProtocolError",
-    "SendFailed",
+    "SendError",
     "SeqError",
     "SessionError",
+    "StateError",
     "StoreError",
     "TimeWentBackwards",
     "TruncatedFrame",
     "UnexpectedFrame",
+    "UsageError",
     "UserNotFound",
 ]
 
@@ -83,6 +86,14 @@ class ImkitError(Exception):
 
 class ConfigError(ImkitError, ValueError):
     """An argument is outside what the structure accepts (a size of 0, a negative limit)."""
+
+
+class UsageError(ImkitError, TypeError):
+    """The API was used the wrong way: e.g. a timer handle built by hand, not by ``add()``."""
+
+
+class StateError(ImkitError, RuntimeError):
+    """A call the object's state does not allow: used after ``close()``, or before ``start()``."""
 
 
 class CapacityError(ImkitError):
@@ -100,13 +111,6 @@ class CapacityError(ImkitError):
     def __str__(self) -> str:
         extra = f": {self.detail}" if self.detail else ""
         return f"limit {self.limit}={self.value} reached{extra}"
-
-
-class QuotaExceeded(CapacityError):
-    """A per-connection quota (unacked sends, frames per second) was exceeded."""
-
-
-# --- hashring -------------------------------------------------------------------
 
 
 class EmptyRingError(ImkitError, LookupError):
@@ -261,10 +265,6 @@ class SessionError(ImkitError):
     """An error in the delivery state machines."""
 
 
-class NotLoggedIn(SessionError):
-    """A frame other than login arrived before the session logged in."""
-
-
 class AuthError(SessionError):
     """A login token is invalid, expired, or bound to another user or device."""
 
@@ -276,15 +276,23 @@ class AuthError(SessionError):
         return f"authentication failed: {self.reason}"
 
 
-class SendFailed(SessionError):
-    """A send exhausted its retries without an acknowledgement."""
+class SendError(SessionError):
+    """A send was given up: the server refused it (``code``), or no answer came.
 
-    def __init__(self, cid: int, attempts: int) -> None:
-        super().__init__(cid, attempts)
+    ``code`` is the server's ``ErrorCode`` (``NOT_MEMBER``, ``TOO_LARGE``, ...: not
+    stored); 0 means the retries ran out unanswered (the outcome is unknown: a sync
+    of the conversation shows whether it was stored).
+    """
+
+    def __init__(self, cid: int, attempts: int, code: int = 0) -> None:
+        super().__init__(cid, attempts, code)
         self.cid = cid
         self.attempts = attempts
+        self.code = code
 
     def __str__(self) -> str:
+        if self.code:
+            return f"send cid={self.cid} refused by the server (error code {self.code})"
         return f"send cid={self.cid} unacknowledged after {self.attempts} attempts"
 
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 from operator import attrgetter
 from typing import Generic, TypeVar, cast
 
-from imkit.errors import CapacityError, ConfigError, TimeWentBackwards
+from imkit.errors import CapacityError, ConfigError, TimeWentBackwards, UsageError
 
 __all__ = [
     "DEFAULT_MAX_PENDING",
@@ -124,7 +124,7 @@ class TimerHandle(_Node, Generic[T]):
     _wheel: TimingWheel[T]
 
     def __init__(self) -> None:
-        raise TypeError("timer handles are created by TimingWheel.add()")
+        raise UsageError("timer handles are created by TimingWheel.add()")
 
     @property
     def pending(self) -> bool:

@@ -43,12 +43,14 @@ from imkit.aio._server import (
     DEFAULT_BACKLOG,
     DEFAULT_BUSY_RETRY_AFTER_MS,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_PENDING_LOGINS,
+    DEFAULT_MAX_PER_ADDRESS,
     DEFAULT_SHUTDOWN_RETRY_AFTER_MS,
     Server,
     serve,
     serve_tcp,
 )
-from imkit.aio._timers import DeadlineTimer, WheelDriver
+from imkit.aio._timers import DEFAULT_CATCH_UP_MS, DEFAULT_STALL_MS, DeadlineTimer, WheelDriver
 from imkit.aio._transport import (
     DEFAULT_CLOSE_TIMEOUT_MS,
     DEFAULT_FRAME_TIMEOUT_MS,
@@ -66,6 +68,7 @@ from imkit.aio.discovery import MemoryRegistry
 __all__ = [
     "DEFAULT_BACKLOG",
     "DEFAULT_BUSY_RETRY_AFTER_MS",
+    "DEFAULT_CATCH_UP_MS",
     "DEFAULT_CLOSE_TIMEOUT_MS",
     "DEFAULT_CONNECT_TIMEOUT_MS",
     "DEFAULT_DEMOTE_MS",
@@ -79,11 +82,14 @@ __all__ = [
     "DEFAULT_MAX_HTTP_ERROR_BODY",
     "DEFAULT_MAX_HTTP_HEADER",
     "DEFAULT_MAX_MESSAGES",
+    "DEFAULT_MAX_PENDING_LOGINS",
     "DEFAULT_MAX_PENDING_MESSAGES",
+    "DEFAULT_MAX_PER_ADDRESS",
     "DEFAULT_MAX_RACING",
     "DEFAULT_MAX_WRITE_BUFFER",
     "DEFAULT_RACE_DELAY_MS",
     "DEFAULT_SHUTDOWN_RETRY_AFTER_MS",
+    "DEFAULT_STALL_MS",
     "DEFAULT_WRITE_HIGH_WATER",
     "Client",
     "ClientStatus",

@@ -17,7 +17,10 @@ a :class:`~imkit.aio.FramedConnection`, and adds what needs a clock or a socket:
   LoginAck bounds; a Kick that reconnecting cannot fix (AUTH_FAILED, REPLACED)
   closes the client;
 * **timers**: the session's single next deadline (pings, resends, gap syncs,
-  heartbeat death) on one ``loop.call_at`` (:class:`~imkit.aio.DeadlineTimer`).
+  heartbeat death, frames the session's pacer releases) on one ``loop.call_at``
+  (:class:`~imkit.aio.DeadlineTimer`). The session paces every frame against the
+  rate the server announced in LoginAck, so a burst of queued sends never trips
+  the server's quotas (docs/session.md, "Pacing").
 
 Async API: ``await client.send(conv, body) -> seq``, ``async for push in
 client.messages()``, ``client.state`` and ``await client.wait_for(ClientStatus.ONLINE)``.
@@ -42,7 +45,7 @@ from imkit.aio._endpoints import DEFAULT_HTTP_TIMEOUT_MS, Endpoint, fetch_endpoi
 from imkit.aio._loop import loop_ms
 from imkit.aio._timers import DeadlineTimer
 from imkit.aio._transport import FramedConnection
-from imkit.errors import BackendError, ConfigError, ConnectionClosed, SendFailed
+from imkit.errors import BackendError, ConfigError, ConnectionClosed, SendError, StateError
 from imkit.protocol import ErrorCode, Message, Push, Role
 from imkit.session import (
     ClientSession,
@@ -52,7 +55,7 @@ from imkit.session import (
     MessageReceived,
     Output,
     SendAcked,
-    SendFailure,
+    SendFailed,
     SessionEvent,
     initial_cid,
 )
@@ -223,7 +226,7 @@ class Client:
     def session(self) -> ClientSession:
         """The sans-IO session (created by :meth:`start` unless one was given)."""
         if self._session is None:
-            raise RuntimeError("the client has not started")
+            raise StateError("the client has not started")
         return self._session
 
     def _is_closed(self) -> bool:
@@ -329,7 +332,7 @@ class Client:
     # -- application API ------------------------------------------------------------------
 
     def send_nowait(self, conv: str, body: bytes) -> tuple[int, asyncio.Future[int]]:
-        """Queue a message; return its cid and a future of its seq (SendFailed on failure).
+        """Queue a message; return its cid and a future of its seq (SendError on failure).
 
         Raises CapacityError when the session's send queue is full, ConnectionClosed
         after close. O(1) plus the encoding of what goes out now.
@@ -346,7 +349,7 @@ class Client:
         """Send ``body`` to ``conv`` and wait until it is stored; return its seq.
 
         Survives reconnects (the session resends with the same cid). Raises
-        :class:`~imkit.errors.SendFailed` if the send was given up (refused by the
+        :class:`~imkit.errors.SendError` if the send was given up (refused by the
         server, or unanswered after the session's retries).
         """
         _, fut = self.send_nowait(conv, body)
@@ -409,10 +412,10 @@ class Client:
                 fut = self._acks.pop(out.cid, None)
                 if fut is not None and not fut.done():
                     fut.set_result(out.seq)
-            elif isinstance(out, SendFailure):
+            elif isinstance(out, SendFailed):
                 fut = self._acks.pop(out.cid, None)
                 if fut is not None and not fut.done():
-                    fut.set_exception(SendFailed(out.cid, out.attempts))
+                    fut.set_exception(SendError(out.cid, out.attempts, out.code))
                 self._emit(out)
             elif isinstance(out, LoggedIn):
                 self._logged_in = True

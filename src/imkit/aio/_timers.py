@@ -11,6 +11,22 @@ The timer is approximate by one tick (``tick_ms``) plus the loop's scheduling
 slack, like Netty's HashedWheelTimer: a timer never fires early, and fires at most
 about a tick late on an idle loop.
 
+Stalls. When the loop did not run for a while (a GC pause, ``SIGSTOP``, a paused
+VM, one long blocking call), deadlines fall due during the stall while the frames
+that would have moved them (a client's pings) wait unread in the socket buffers.
+Firing at once would judge those clients silent: asyncio runs due timers in the
+same iteration as the I/O callbacks but before the handler tasks those callbacks
+wake, and uvloop (libuv) runs timers even before it polls the sockets. So a
+wake-up later than ``stall_ms`` past its time fires nothing: the driver counts
+the stall (:attr:`WheelDriver.stalls`) and sleeps ``catch_up_ms`` more, during
+which the loop reads the sockets and the handlers feed the frames to their
+sessions (which push their deadlines back); then it advances the wheel. This
+does not depend on the loop's order of timers and I/O. At most one catch-up per
+stall: the catch-up wake-up itself always fires, and a new catch-up needs a
+wake-up that came on time first, so a loop that is late on every wake-up
+(sustained overload) is never postponed twice in a row.
+:class:`DeadlineTimer` does the same for a client's single timer.
+
 Single loop, single thread: call every method from the loop's thread.
 """
 
@@ -21,9 +37,31 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from imkit.aio._loop import loop_ms
+from imkit.errors import ConfigError, StateError
 from imkit.timingwheel import DEFAULT_TICK_MS, DEFAULT_WHEEL_SIZE, TimerHandle, TimingWheel
 
-__all__ = ["DeadlineTimer", "WheelDriver"]
+__all__ = ["DEFAULT_CATCH_UP_MS", "DEFAULT_STALL_MS", "DeadlineTimer", "WheelDriver"]
+
+#: A wake-up this late (ms past the time it was armed for) means the loop did not
+#: run for that long: a GC pause, SIGSTOP, a paused VM, a long blocking call. A
+#: healthy loop is late by a few ms and heartbeat deadlines are tens of seconds (9 s
+#: at the shortest the examples use), so 1 s is far above scheduling jitter and far
+#: below any deadline a stall could wrongly expire.
+DEFAULT_STALL_MS = 1_000
+
+#: After a stall, how long timers wait while the loop reads what arrived meanwhile.
+#: Reading takes one iteration (uvloop polls after its timers) and feeding the frames
+#: to the sessions one more (the handler tasks run on the next iteration), a few
+#: more if a handler awaits its store; 250 ms covers that on a loaded loop and is
+#: short next to the stall (>= stall_ms) it follows.
+DEFAULT_CATCH_UP_MS = 250
+
+
+def _check_stall_keywords(stall_ms: int | None, catch_up_ms: int) -> None:
+    if stall_ms is not None and stall_ms < 1:
+        raise ConfigError(f"stall_ms must be >= 1 or None, got {stall_ms}")
+    if catch_up_ms < 1:
+        raise ConfigError(f"catch_up_ms must be >= 1, got {catch_up_ms}")
 
 T = TypeVar("T")
 
@@ -40,8 +78,12 @@ class WheelDriver(Generic[T]):
     ``on_expire`` runs synchronously from the loop; an exception it raises goes to
     the loop's exception handler and does not stop the other timers.
 
+    A wake-up later than ``stall_ms`` past its time (None: never) waits
+    ``catch_up_ms`` before firing anything, once per stall (module docstring).
+
     Counters for tests and benchmarks: :attr:`wakeups` (times the driver ran),
-    :attr:`idle_wakeups` (of those, the ones that expired nothing), :attr:`fired`.
+    :attr:`idle_wakeups` (of those, the ones that expired nothing), :attr:`fired`,
+    :attr:`stalls` (late wake-ups that got a catch-up).
     """
 
     def __init__(
@@ -50,9 +92,16 @@ class WheelDriver(Generic[T]):
         *,
         tick_ms: int = DEFAULT_TICK_MS,
         wheel_size: int = DEFAULT_WHEEL_SIZE,
+        stall_ms: int | None = DEFAULT_STALL_MS,
+        catch_up_ms: int = DEFAULT_CATCH_UP_MS,
         loop: asyncio.AbstractEventLoop | None = None,
         wheel: TimingWheel[T] | None = None,
     ) -> None:
+        _check_stall_keywords(stall_ms, catch_up_ms)
+        self.stall_ms = stall_ms
+        self.catch_up_ms = catch_up_ms
+        self._catch_up_until: int | None = None  # during a catch-up: wake no earlier
+        self._on_time = True  # the last wake-up was not late: a new stall may catch up
         self._loop = loop if loop is not None else asyncio.get_running_loop()
         self._last_ms = loop_ms(self._loop)
         if wheel is None:
@@ -65,6 +114,7 @@ class WheelDriver(Generic[T]):
         self.wakeups = 0
         self.idle_wakeups = 0
         self.fired = 0
+        self.stalls = 0
 
     def now_ms(self) -> int:
         """The driver's clock: the loop's, in ms, never going backwards. O(1)."""
@@ -88,7 +138,7 @@ class WheelDriver(Generic[T]):
         :meth:`reschedule` so the wake-up can move earlier). O(levels).
         """
         if self._closed:
-            raise RuntimeError("the WheelDriver is closed")
+            raise StateError("the WheelDriver is closed")
         handle = self.wheel.add(deadline_ms, item)
         self._arm_for(deadline_ms)
         return handle
@@ -130,6 +180,9 @@ class WheelDriver(Generic[T]):
         self._arm(-(-deadline_ms // tick) * tick)
 
     def _arm(self, deadline_ms: int) -> None:
+        until = self._catch_up_until
+        if until is not None and deadline_ms < until:
+            deadline_ms = until  # catching up: let the loop read before anything fires
         armed = self._armed_ms
         if armed is not None and armed <= deadline_ms:
             return
@@ -151,6 +204,19 @@ class WheelDriver(Generic[T]):
         if armed is not None and armed > now:
             now = self._last_ms = armed
         self.wakeups += 1
+        if self._catch_up_until is not None:
+            self._catch_up_until = None  # the catch-up is over: fire, whatever the time
+            self._on_time = armed is None or now - armed <= (self.stall_ms or 0)
+        elif self.stall_ms is not None and armed is not None and now - armed > self.stall_ms:
+            if self._on_time:  # a stall: read what arrived before judging silence
+                self._on_time = False
+                self.stalls += 1
+                self.idle_wakeups += 1
+                self._catch_up_until = now + self.catch_up_ms
+                self._arm(self._catch_up_until)
+                return
+        else:
+            self._on_time = True
         expired = self.wheel.advance(now)
         if not expired:
             self.idle_wakeups += 1
@@ -168,8 +234,12 @@ class WheelDriver(Generic[T]):
             self._arm(nxt)
 
     def _check(self) -> None:
-        """Assert: while a timer is pending, a wake-up is armed (tests also check its time)."""
-        if self._closed or not len(self.wheel):
+        """Assert: while a timer is pending, a wake-up is armed; a catch-up keeps it armed."""
+        if self._closed:
+            return
+        if self._catch_up_until is not None and self._armed_ms != self._catch_up_until:
+            raise AssertionError("catching up, but not armed for the end of the catch-up")
+        if not len(self.wheel):
             return
         if self._armed_ms is None or self._armed is None:
             raise AssertionError(f"{len(self.wheel)} timers pending but no wake-up is armed")
@@ -190,6 +260,10 @@ class DeadlineTimer:
     It may therefore run up to a millisecond ahead of :func:`loop_ms`: feed every
     other call into the same object from :meth:`now_ms` too, never from
     ``loop_ms()`` directly, or the object may see time go backwards.
+
+    Like :class:`WheelDriver`, a wake-up later than ``stall_ms`` past its time
+    waits ``catch_up_ms`` once (counted in :attr:`stalls`), so that a stalled
+    client reads the server's frames before it judges the link dead.
     """
 
     def __init__(
@@ -197,8 +271,16 @@ class DeadlineTimer:
         next_deadline_ms: Callable[[], int | None],
         on_due: Callable[[int], object],
         *,
+        stall_ms: int | None = DEFAULT_STALL_MS,
+        catch_up_ms: int = DEFAULT_CATCH_UP_MS,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
+        _check_stall_keywords(stall_ms, catch_up_ms)
+        self.stall_ms = stall_ms
+        self.catch_up_ms = catch_up_ms
+        self._catch_up_until: int | None = None
+        self._on_time = True
+        self.stalls = 0
         self._next = next_deadline_ms
         self._on_due = on_due
         self._loop = loop if loop is not None else asyncio.get_running_loop()
@@ -223,6 +305,9 @@ class DeadlineTimer:
         if self._closed:
             return
         deadline = self._next()
+        until = self._catch_up_until
+        if until is not None and deadline is not None and deadline < until:
+            deadline = until  # catching up after a stall: read before anything is due
         if deadline == self._armed_ms:
             return
         if self._handle is not None:
@@ -242,6 +327,18 @@ class DeadlineTimer:
         if armed is not None and armed > now:
             now = self._last_ms = armed
         self.wakeups += 1
+        if self._catch_up_until is not None:
+            self._catch_up_until = None  # the catch-up is over: fire, whatever the time
+            self._on_time = armed is None or now - armed <= (self.stall_ms or 0)
+        elif self.stall_ms is not None and armed is not None and now - armed > self.stall_ms:
+            if self._on_time:  # a stall: read what arrived before judging silence
+                self._on_time = False
+                self.stalls += 1
+                self._catch_up_until = now + self.catch_up_ms
+                self.rearm()
+                return
+        else:
+            self._on_time = True
         try:
             self._on_due(now)
         finally:

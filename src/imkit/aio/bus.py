@@ -27,6 +27,7 @@ from imkit.bus import (
     Overflow,
     PublishResult,
 )
+from imkit.errors import StateError
 
 __all__ = ["MemoryBus", "MemorySubscription"]
 
@@ -151,7 +152,7 @@ class MemoryBus(Generic[T]):
     ) -> MemorySubscription[T]:
         """Synchronous :meth:`subscribe`. O(1)."""
         if self._closed:
-            raise RuntimeError("the bus is closed")
+            raise StateError("the bus is closed")
         sub = MemorySubscription(self._fanout, subject, max_pending, overflow)
         self._subs.add(sub)
         return sub

@@ -41,11 +41,15 @@ from imkit.protocol._limits import (
     DEFAULT_MAX_BUFFER_SIZE,
     DEFAULT_MAX_FRAME_SIZE,
     HEADER_SIZE,
+    MAX_EXTRA_DEPTH,
+    MAX_EXTRA_FIELDS,
     MAX_ID_BYTES,
     MAX_ITEMS,
     MAX_REASON_BYTES,
     MAX_TOKEN_BYTES,
     MAX_UINT,
+    MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 )
 from imkit.protocol._messages import (
     SENDERS,
@@ -70,6 +74,7 @@ from imkit.protocol._messages import (
     SyncRequest,
     SyncResponse,
 )
+from imkit.protocol._schema import downgrade
 
 __all__ = [
     "CLOSED",
@@ -77,12 +82,16 @@ __all__ = [
     "DEFAULT_MAX_BUFFER_SIZE",
     "DEFAULT_MAX_FRAME_SIZE",
     "HEADER_SIZE",
+    "MAX_EXTRA_DEPTH",
+    "MAX_EXTRA_FIELDS",
     "MAX_ID_BYTES",
     "MAX_ITEMS",
     "MAX_REASON_BYTES",
     "MAX_TOKEN_BYTES",
     "MAX_UINT",
+    "MIN_PROTOCOL_VERSION",
     "NEED_DATA",
+    "PROTOCOL_VERSION",
     "SENDERS",
     "BadHeader",
     "Connection",
@@ -120,6 +129,7 @@ __all__ = [
     "UnexpectedFrame",
     "decode",
     "decode_body",
+    "downgrade",
     "encode",
     "encode_body",
     "encode_push_batch",

@@ -4,7 +4,9 @@ Why generated code. The decoder is the hot path of every gateway and client, and
 it must be *strict*: only the CBOR subset the schema uses (uint, text, bytes,
 array, false, true), shortest-form heads, no tags, maps, floats or
 indefinite-length items, declared lengths checked against the limit and against
-the bytes left before anything is sliced, nothing after the item. A generic CBOR
+the bytes left before anything is sliced, nothing after the item. Up to
+``MAX_EXTRA_FIELDS`` trailing fields a newer protocol version added are checked
+for that subset (bounded in nesting and entries) and skipped. A generic CBOR
 decoder followed by a validator walks every item twice; ``cbor2``'s C decoder
 would also silently accept tags (a bignum is an int to it), shared references,
 non-minimal heads and trailing bytes. So, like ``attrs`` and ``dataclasses``
@@ -52,6 +54,8 @@ from imkit.protocol._limits import (
     LZ4_SIZE_PREFIX,
     MAGIC,
     MAGIC_VERSION,
+    MAX_EXTRA_DEPTH,
+    MAX_EXTRA_FIELDS,
     MAX_FRAME_SIZE_LIMIT,
     MAX_ID_BYTES,
     MAX_ITEMS,
@@ -251,6 +255,78 @@ def _bad_struct(data: bytes, pos: int, name: str, least: int, most: int) -> NoRe
     raise MalformedBody(f"{name} takes {span} fields, got {n}")
 
 
+def _struct_head(data: bytes, pos: int, name: str, least: int, most: int) -> tuple[int, int]:
+    """``(field count, position after the head)`` of a struct with unknown trailing fields.
+
+    The count may exceed the schema's ``most`` by at most MAX_EXTRA_FIELDS (the
+    fields a newer version added); anything else raises. O(1).
+    """
+    b = data[pos]
+    if 0x80 <= b <= 0x97:
+        n, start = b - 0x80, pos + 1
+    elif b == 0x98:
+        n, start = _head_len(data, pos, name)
+    else:
+        _bad_struct(data, pos, name, least, most + MAX_EXTRA_FIELDS)
+    if not most < n <= most + MAX_EXTRA_FIELDS:
+        _bad_struct(data, pos, name, least, most + MAX_EXTRA_FIELDS)
+    return n, start
+
+
+def _skip_fields(data: bytes, pos: int, end: int, count: int, name: str) -> int:
+    """Skip ``count`` unknown trailing fields; return the position after them.
+
+    An unknown field is checked to be well-formed in the wire's CBOR subset (the
+    same rules as known fields: shortest heads, integers within MAX_UINT, valid
+    UTF-8, no tags, maps, floats, null or indefinite lengths, arrays of at most
+    MAX_ITEMS entries nested at most MAX_EXTRA_DEPTH deep, nothing running past the
+    body) but not for its type or limits: a decoder cannot know a field it does
+    not know. Its value is dropped. O(bytes skipped).
+    """
+    for i in range(count):
+        pos = _skip_item(data, pos, end, f"{name}[{i}]", 0)
+    return pos
+
+
+def _skip_item(data: bytes, pos: int, end: int, field: str, depth: int) -> int:
+    """Skip one well-formed item of the allowed subset; return the position after it."""
+    b = data[pos]
+    major, info = b >> 5, b & 0x1F
+    if major == 7:
+        if info in (20, 21):
+            return pos + 1
+        _bad(data, pos, field, "a known item")
+    if info >= 28 or major in (1, 5, 6):
+        _bad(data, pos, field, "a known item")
+    if info < 24:
+        n, start = info, pos + 1
+    else:
+        n, start = _head_len(data, pos, field)
+    if major == 0:
+        if n > MAX_UINT:
+            raise InvalidField(field, "integer above 2**63 - 1")
+        return start
+    if major == 4:
+        if n > MAX_ITEMS:
+            raise InvalidField(field, f"{n} entries, limit {MAX_ITEMS}")
+        if depth >= MAX_EXTRA_DEPTH:
+            raise MalformedBody(f"unknown field nested too deep ({field})")
+        for _ in range(n):
+            if start >= end:
+                _truncated()
+            start = _skip_item(data, start, end, field, depth + 1)
+        return start
+    stop = start + n
+    if stop > end:
+        _truncated()
+    if major == 3:
+        try:
+            data[start:stop].decode()
+        except UnicodeDecodeError:
+            raise InvalidField(field, "not valid UTF-8") from None
+    return stop
+
+
 def _bad_text(field: str, truncated: bool) -> NoReturn:
     """A text that does not decode: cut short by the end of the body, or bad UTF-8."""
     if truncated:
@@ -360,14 +436,16 @@ def _gen_decode_struct(w: _Writer, cls: type, out: str, prefix: str) -> None:
     nf = w.fresh("nf")
     w.emit("b = data[pos]")
     if least == most:
-        w.emit(f"if b != {0x80 + most}:")
+        w.emit(f"if b == {0x80 + most}:")
     else:
-        w.emit(f"if not {0x80 + least} <= b <= {0x80 + most}:")
+        w.emit(f"if {0x80 + least} <= b <= {0x80 + most}:")
     with w.indent():
-        w.emit(f"_bad_struct(data, pos, {name!r}, {least}, {most})")
-    if least != most:
         w.emit(f"{nf} = b - 0x80")
-    w.emit("pos += 1")
+        w.emit("pos += 1")
+    w.emit("else:")
+    with w.indent():
+        # more fields than this version knows (skipped below), or a bad head
+        w.emit(f"{nf}, pos = _struct_head(data, pos, {name!r}, {least}, {most})")
     values = []
     for i, (spec, default) in enumerate(zip(specs, defaults(cls), strict=True)):
         v = w.fresh(f"v_{spec.name}")
@@ -382,6 +460,9 @@ def _gen_decode_struct(w: _Writer, cls: type, out: str, prefix: str) -> None:
             w.emit("else:")
             with w.indent():
                 w.emit(f"{v} = {_default_expr(spec, default)}")
+    w.emit(f"if {nf} > {most}:")
+    with w.indent():
+        w.emit(f"pos = _skip_fields(data, pos, end, {nf} - {most}, {prefix + name!r})")
     w.emit(f"{out} = _new({name})")
     for spec, v in zip(specs, values, strict=True):
         w.emit(f"{_setter(cls, spec.name)}({out}, {v})")

@@ -139,7 +139,7 @@ class Connection:
     - ``max_buffer_size``: bytes held between ``receive_data`` and ``next_event``;
       ``receive_data`` refuses more with :class:`~imkit.errors.CapacityError`.
       ``None`` (default): one incomplete frame plus one 256 KiB read,
-      ``8 + max_frame_size + READ_ALLOWANCE`` (``DEFAULT_MAX_BUFFER_SIZE``, 328 KiB,
+      ``8 + max_frame_size + READ_ALLOWANCE`` (``DEFAULT_MAX_BUFFER_SIZE``, 320 KiB: 327,688 bytes,
       with the default frame size). At least ``max_frame_size + 8``.
 
     Receiving: ``receive_data(data)`` only buffers (``b""`` means EOF);

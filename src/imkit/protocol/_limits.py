@@ -18,8 +18,10 @@ from typing import Final
 #: memory): a misdirected or desynchronised stream is refused at its first byte.
 MAGIC: Final = 0xC1
 
-#: Byte 1. A peer that changes the meaning of any byte bumps it; a decoder refuses
-#: every version it does not know (no silent best effort).
+#: Byte 1: the *framing* version (this header and "a body is one strict CBOR
+#: array"). It changes only if the framing itself changes, and a decoder refuses
+#: every framing version it does not know (no silent best effort). Message fields
+#: evolve without it: see PROTOCOL_VERSION.
 VERSION: Final = 1
 
 #: Magic and version read as one big-endian u16, compared in one step.
@@ -40,6 +42,30 @@ KNOWN_FLAGS: Final = FLAG_LZ4
 #: Bytes of the little-endian uncompressed-size prefix of an LZ4 body (the LZ4
 #: block "stored size" layout of ``lz4.block.compress(store_size=True)``).
 LZ4_SIZE_PREFIX: Final = 4
+
+# --- protocol versions (negotiated at login; see docs/protocol.md) ------------------
+
+#: The highest protocol version this release speaks. 1: the original messages
+#: (a Login without a version offer means 1). 2: Login offers a version range,
+#: LoginAck says the chosen ``version`` and announces the server's frame rate,
+#: burst and sends in flight; decoders skip unknown trailing fields.
+PROTOCOL_VERSION: Final = 2
+
+#: The lowest protocol version this release still speaks: clients installed years
+#: ago must keep working against an upgraded cluster.
+MIN_PROTOCOL_VERSION: Final = 1
+
+#: Unknown trailing fields a decoder skips per message (or nested struct). A
+#: version adds a few fields to a message; 16 is more than any message has today
+#: (LoginAck: 11), and it bounds the items one struct can make a decoder walk
+#: beyond its schema (each extra item is also bounded by MAX_ITEMS and
+#: MAX_EXTRA_DEPTH).
+MAX_EXTRA_FIELDS: Final = 16
+
+#: Array nesting inside one unknown field: 2 holds a list of pairs or of small
+#: structs (the deepest shape any field has today, ``Notify.entries``); deeper
+#: unknown data is refused, so the whole body stays within MAX_DEPTH + 2 levels.
+MAX_EXTRA_DEPTH: Final = 2
 
 # --- connection defaults ------------------------------------------------------------
 
@@ -67,7 +93,7 @@ DEFAULT_COMPRESS_THRESHOLD: Final = 512
 READ_ALLOWANCE: Final = 256 * 1024
 
 #: Bytes a Connection buffers between receive_data() and next_event() by default:
-#: one incomplete frame of the default size plus one read (328 KiB). With
+#: one incomplete frame of the default size plus one read (320 KiB: 327,688 bytes). With
 #: ``max_buffer_size=None`` a Connection uses HEADER_SIZE + max_frame_size +
 #: READ_ALLOWANCE, i.e. this figure for the default frame size.
 DEFAULT_MAX_BUFFER_SIZE: Final = HEADER_SIZE + DEFAULT_MAX_FRAME_SIZE + READ_ALLOWANCE
@@ -100,5 +126,6 @@ MAX_REASON_BYTES: Final = 256
 MAX_ITEMS: Final = 1024
 
 #: Deepest CBOR nesting any message has: SyncResponse > pages > SyncPage >
-#: messages > Push. The decoder is driven by the schema, so it cannot go deeper.
+#: messages > Push. The decoder is driven by the schema, so it cannot go deeper,
+#: except inside an unknown trailing field (at most MAX_EXTRA_DEPTH more).
 MAX_DEPTH: Final = 5

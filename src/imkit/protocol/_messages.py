@@ -2,9 +2,11 @@
 
 Messages are small frozen, slotted, keyword-only attrs classes (nouns, like h11's
 events). Field order is wire order: the codec encodes each message as a CBOR array
-of its fields in the order declared here. The decoder refuses arrays longer than
-the schema (unvalidated data is never accepted), so a new optional field goes at
-the end *and* bumps the header's version byte.
+of its fields in the order declared here. A new field goes at the end, with a
+default, and is listed in the schema with the protocol version that introduced it
+(``since``); a decoder skips (after checking they are well-formed) up to
+``MAX_EXTRA_FIELDS`` trailing fields it does not know. See docs/protocol.md,
+"Evolving the protocol".
 
 Which side may send which frame lives in one table, :data:`SENDERS`.
 """
@@ -97,11 +99,16 @@ class Login:
 
     ``resume`` is the session id from an earlier :class:`LoginAck` ("" for a fresh
     session); the server resumes it if it is still within its grace period.
+    ``min_version`` / ``max_version`` (protocol version 2): the range of protocol
+    versions the client speaks; the server picks the highest it speaks too. A
+    Login without them (a version 1 client) offers exactly version 1.
     """
 
     token: str
     device: str
     resume: str = ""
+    min_version: int = 1
+    max_version: int = 1
 
 
 @attrs.frozen(kw_only=True)
@@ -110,6 +117,12 @@ class LoginAck:
 
     ``heartbeat_ms``: ping at least this often. ``reconnect_min_ms`` /
     ``reconnect_max_ms``: bounds of the client's full-jitter reconnect backoff.
+
+    Since protocol version 2 (sent only to a client that offered it):
+    ``version``, the protocol version chosen for this connection (absent: 1);
+    the server's per-connection limits the client must stay under,
+    ``max_frames_per_s`` and ``frame_burst`` (its token bucket over every frame
+    after Login) and ``max_sends_in_flight`` (0: not announced).
     """
 
     uid: str
@@ -119,6 +132,10 @@ class LoginAck:
     reconnect_min_ms: int = 500
     reconnect_max_ms: int = 30_000
     server_ms: int = 0
+    version: int = 1
+    max_frames_per_s: int = 0
+    frame_burst: int = 0
+    max_sends_in_flight: int = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -152,7 +169,11 @@ class Send:
 
 @attrs.frozen(kw_only=True)
 class SendAck:
-    """Server -> client: the send with ``cid`` is stored as ``seq`` (or failed: ``error``)."""
+    """Server -> client: the send with ``cid`` is stored as ``seq`` (or failed: ``error``).
+
+    ``retry_after_ms`` (protocol version 2): with a transient ``error``
+    (SERVER_BUSY, INTERNAL, ...), when the client should send it again.
+    """
 
     cid: int
     conv: str
@@ -160,6 +181,7 @@ class SendAck:
     msg_id: int = 0
     server_ms: int = 0
     error: int = 0
+    retry_after_ms: int = 0
 
 
 @attrs.frozen(kw_only=True)

@@ -13,10 +13,19 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 import attrs
 
-from imkit.protocol._limits import MAX_ID_BYTES, MAX_ITEMS, MAX_REASON_BYTES, MAX_TOKEN_BYTES
+from imkit.errors import LocalProtocolError
+from imkit.protocol._limits import (
+    MAX_EXTRA_FIELDS,
+    MAX_ID_BYTES,
+    MAX_ITEMS,
+    MAX_REASON_BYTES,
+    MAX_TOKEN_BYTES,
+    PROTOCOL_VERSION,
+)
 from imkit.protocol._messages import (
     SENDERS,
     Error,
@@ -59,6 +68,8 @@ class FieldSpec:
     ``limit``: UTF-8 bytes for TEXT, entries for PAIRS / ARRAY, unused otherwise.
     ``nonempty``: an empty string or tuple is refused (required ids, batches).
     ``item``: the nested message class of an ARRAY field.
+    ``since``: the protocol version that added the field; a peer that negotiated
+    an older version never receives it (:func:`downgrade`).
     """
 
     name: str
@@ -66,10 +77,11 @@ class FieldSpec:
     limit: int = 0
     nonempty: bool = False
     item: type | None = None
+    since: int = 1
 
 
-def _uint(name: str) -> FieldSpec:
-    return FieldSpec(name, Kind.UINT)
+def _uint(name: str, *, since: int = 1) -> FieldSpec:
+    return FieldSpec(name, Kind.UINT, since=since)
 
 
 def _bool(name: str) -> FieldSpec:
@@ -92,6 +104,8 @@ SCHEMA: dict[type, tuple[FieldSpec, ...]] = {
         FieldSpec("token", Kind.TEXT, MAX_TOKEN_BYTES, nonempty=True),
         _id("device"),
         _id("resume", required=False),
+        _uint("min_version", since=2),
+        _uint("max_version", since=2),
     ),
     LoginAck: (
         _id("uid"),
@@ -101,6 +115,10 @@ SCHEMA: dict[type, tuple[FieldSpec, ...]] = {
         _uint("reconnect_min_ms"),
         _uint("reconnect_max_ms"),
         _uint("server_ms"),
+        _uint("version", since=2),
+        _uint("max_frames_per_s", since=2),
+        _uint("frame_burst", since=2),
+        _uint("max_sends_in_flight", since=2),
     ),
     Ping: (_uint("nonce"),),
     Pong: (_uint("nonce"), _uint("server_ms")),
@@ -112,6 +130,7 @@ SCHEMA: dict[type, tuple[FieldSpec, ...]] = {
         _uint("msg_id"),
         _uint("server_ms"),
         FieldSpec("error", Kind.CODE),
+        _uint("retry_after_ms", since=2),
     ),
     Push: (
         _id("conv"),
@@ -150,6 +169,45 @@ def defaults(cls: type) -> tuple[object, ...]:
     return tuple(f.default for f in attrs.fields(cls))
 
 
+def fields_since(cls: type, version: int) -> tuple[str, ...]:
+    """Names of the fields of ``cls`` that protocol ``version`` does not have. O(fields)."""
+    return tuple(s.name for s in SCHEMA[cls] if s.since > version)
+
+
+def downgrade(message: Message, version: int) -> Message:
+    """``message`` as a peer speaking protocol ``version`` may receive it. O(fields).
+
+    Every field added after ``version`` is reset to its default, which the encoder
+    leaves out (such fields are optional and trail the older ones), so the bytes
+    are exactly those of the older version. Returns ``message`` itself when
+    nothing changes. Nested messages (pushes of a batch) are not visited: no field
+    of theirs is newer than version 1 yet (``_check_schema`` asserts it).
+
+    >>> from imkit.protocol import LoginAck
+    >>> old = downgrade(LoginAck(uid="u", session="s", version=2, frame_burst=400), 1)
+    >>> old.version, old.frame_burst
+    (1, 0)
+    """
+    if version >= PROTOCOL_VERSION:
+        return message
+    if version < 1:
+        raise LocalProtocolError(f"no protocol version {version}")
+    if type(message) not in SCHEMA:
+        raise LocalProtocolError(f"not a protocol message: {type(message).__name__}")
+    names = _NEWER.get((type(message), version))
+    if names is None:  # at most (message classes) x (PROTOCOL_VERSION - 1) entries
+        names = _NEWER[type(message), version] = fields_since(type(message), version)
+    if not names:
+        return message
+    fields = attrs.fields_dict(type(message))
+    changes: dict[str, Any] = {n: fields[n].default for n in names}
+    return attrs.evolve(message, **changes)
+
+
+#: (message class, version) -> fields newer than the version (a cache of fields_since)
+_NEWER: dict[tuple[type, int], tuple[str, ...]] = {}
+
+
 def _check_schema() -> None:
     """Assert that SCHEMA matches the attrs classes field for field. O(total fields)."""
     for cls, specs in SCHEMA.items():
@@ -166,6 +224,17 @@ def _check_schema() -> None:
                 assert s.limit >= 23, f"{cls.__name__}.{s.name}: limit below 23"
             if s.kind is Kind.ARRAY:
                 assert s.item in SCHEMA, f"{cls.__name__}.{s.name}: unknown item {s.item}"
+        for s in specs:
+            assert 1 <= s.since <= PROTOCOL_VERSION, f"{cls.__name__}.{s.name}: since"
+            if s.since > 1:
+                # a newer field is optional, and no older field follows it
+                assert attrs.fields_dict(cls)[s.name].default is not attrs.NOTHING
+        sinces = [s.since for s in specs]
+        assert sinces == sorted(sinces), f"{cls.__name__}: newer fields must trail"
+        assert len(specs) + MAX_EXTRA_FIELDS < 0x100 - 0x80, f"{cls.__name__}: too many fields"
+        if cls in (Push, SyncPage):
+            # downgrade() does not visit nested structs
+            assert all(s.since == 1 for s in specs), f"{cls.__name__}: nested field since > 1"
     assert set(FRAME_TYPE_OF) | {SyncPage} == set(SCHEMA), "a message class lacks a schema"
     assert len(SCHEMA) < 24
 

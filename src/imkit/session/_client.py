@@ -23,8 +23,11 @@ from imkit.policy import (
     HeartbeatAction,
     HeartbeatPolicy,
     HeartbeatTracker,
+    TokenBucket,
 )
 from imkit.protocol import (
+    MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
     Error,
     ErrorCode,
     Kick,
@@ -52,9 +55,19 @@ from imkit.session._events import (
     Output,
     ReceiptReceived,
     SendAcked,
-    SendFailure,
+    SendFailed,
     ServerError,
     SessionEvent,
+)
+from imkit.session._limits import (
+    DEFAULT_ACK_DELAY_MS,
+    DEFAULT_FRAME_BURST,
+    DEFAULT_MAX_CID_SPAN,
+    DEFAULT_MAX_FRAMES_PER_S,
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_PACE_BURST_PERCENT,
+    DEFAULT_PACE_RATE_PERCENT,
+    pace_limits,
 )
 from imkit.session._state import ClientState, ClientTrigger, client_next
 from imkit.timingwheel import TimerHandle, TimingWheel
@@ -72,21 +85,16 @@ __all__ = [
     "DEFAULT_SEND_RETRY",
     "DEFAULT_SYNC_LIMIT",
     "DEFAULT_SYNC_TIMEOUT_MS",
+    "DEFAULT_VERSION_FALLBACK_MS",
     "ClientSession",
     "ClientStats",
     "CursorLoader",
     "initial_cid",
 ]
 
-#: Sends transmitted and not yet acknowledged: the server's per-connection quota
-#: (``DEFAULT_MAX_SENDS_IN_FLIGHT`` = 64), so a reconnect's resends never trip it.
-DEFAULT_MAX_IN_FLIGHT = 64
 #: Sends waiting for a free in-flight slot (offline, or a burst): a long subway
 #: ride of typing; past it ``send()`` raises CapacityError and the app keeps the draft.
 DEFAULT_MAX_QUEUED = 1024
-#: The newest in-flight cid may be at most this far above the oldest: half the
-#: server's cid window (``DEFAULT_CID_WINDOW`` = 256), so a resend is never STALE.
-DEFAULT_MAX_CID_SPAN = 128
 #: Send retries: 2 s, 4 s, 8 s, 16 s after each transmission on a live connection,
 #: then give up (30 s after the first try, plus the last 16 s wait). Reconnects
 #: resend without counting: a lost connection is not a failed send.
@@ -119,6 +127,11 @@ DEFAULT_SYNC_TIMEOUT_MS = 10_000
 DEFAULT_MAX_SYNC_CONVS = 200
 #: Login must be answered within 10 s of connecting, else the connection is dead.
 DEFAULT_LOGIN_TIMEOUT_MS = 10_000
+#: After a server refused the version offer (an old server: PROTOCOL_ERROR before
+#: LoginAck), the client offers only version 1 for an hour: a rolling upgrade of a
+#: cluster takes minutes to an hour, and one refused login per client per hour is
+#: negligible load.
+DEFAULT_VERSION_FALLBACK_MS = 60 * 60_000
 
 #: A server's retry_after_ms hint is honoured up to 15 minutes: longer than any
 #: sane maintenance pause, short enough that a buggy or hostile hint cannot park a
@@ -130,12 +143,14 @@ MAX_RETRY_HINT_MS = 15 * 60_000
 CursorLoader = Callable[[str], int]
 
 # timer kinds on the client's own wheel; an item is (kind, key)
-_HB, _SEND, _GAP, _SYNC, _HOLD = range(5)
+_HB, _SEND, _GAP, _SYNC, _HOLD, _PACE = range(6)
 
 # SendAck error codes after which the send is retried rather than failed
 _RETRYABLE = frozenset(
     {ErrorCode.INTERNAL, ErrorCode.SERVER_BUSY, ErrorCode.RATE_LIMITED, ErrorCode.QUOTA_EXCEEDED}
 )
+# Error codes whose retry_after_ms holds new sends and due retries
+_HOLD_CODES = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.QUOTA_EXCEEDED, ErrorCode.SERVER_BUSY})
 # Kick codes after which reconnecting cannot help
 _FINAL_KICKS = frozenset({ErrorCode.AUTH_FAILED, ErrorCode.REPLACED})
 
@@ -168,6 +183,7 @@ class ClientStats:
     """Counters of a client session: every "ignored and counted" case lands here."""
 
     __slots__ = (
+        "acks_coalesced",
         "cursors_forgotten",
         "duplicate_pushes",
         "frames_ignored",
@@ -177,6 +193,7 @@ class ClientStats:
         "sync_timeouts",
         "unexpected_frames",
         "unknown_acks",
+        "version_fallbacks",
         "windows_evicted",
     )
 
@@ -201,6 +218,8 @@ class ClientStats:
     unexpected_frames: int
     windows_evicted: int
     cursors_forgotten: int
+    acks_coalesced: int
+    version_fallbacks: int
 
 
 class _Outgoing:
@@ -228,7 +247,7 @@ class ClientSession:
     Guarantees (given a server that keeps the protocol): every message of a
     conversation is handed to the application once, in seq order
     (:class:`~imkit.session.MessageReceived`); every send ends with exactly one
-    :class:`~imkit.session.SendAcked` or :class:`~imkit.session.SendFailure`
+    :class:`~imkit.session.SendAcked` or :class:`~imkit.session.SendFailed`
     (unless the session is closed first); a resend always carries the same cid.
 
     ``first_cid`` defaults to :func:`initial_cid` of ``now_ms`` -- right only if
@@ -260,6 +279,11 @@ class ClientSession:
         login_timeout_ms: int = DEFAULT_LOGIN_TIMEOUT_MS,
         cursor_loader: CursorLoader | None = None,
         max_cursors: int = DEFAULT_MAX_CURSORS,
+        max_version: int = PROTOCOL_VERSION,
+        version_fallback_ms: int = DEFAULT_VERSION_FALLBACK_MS,
+        pace_rate_percent: int = DEFAULT_PACE_RATE_PERCENT,
+        pace_burst_percent: int = DEFAULT_PACE_BURST_PERCENT,
+        ack_delay_ms: int = DEFAULT_ACK_DELAY_MS,
         rng: random.Random | None = None,
     ) -> None:
         for name, value in (
@@ -278,6 +302,19 @@ class ClientSession:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
         if gap_delay_ms < 0:
             raise ConfigError(f"gap_delay_ms must be >= 0, got {gap_delay_ms}")
+        if ack_delay_ms < 0 or version_fallback_ms < 0:
+            raise ConfigError("ack_delay_ms and version_fallback_ms must be >= 0")
+        if not MIN_PROTOCOL_VERSION <= max_version <= PROTOCOL_VERSION:
+            raise ConfigError(
+                f"max_version must be in [{MIN_PROTOCOL_VERSION}, {PROTOCOL_VERSION}], "
+                f"got {max_version}"
+            )
+        for name, value in (
+            ("pace_rate_percent", pace_rate_percent),
+            ("pace_burst_percent", pace_burst_percent),
+        ):
+            if not 1 <= value <= 100:
+                raise ConfigError(f"{name} must be in [1, 100], got {value}")
         if max_cid_span < max_in_flight:
             raise ConfigError("max_cid_span must be >= max_in_flight")
         if not token or not device:
@@ -313,6 +350,30 @@ class ClientSession:
         self._hold_until_ms = now_ms
         self._hold_handle: TimerHandle[tuple[int, Any]] | None = None
         self._max_in_flight = max_in_flight
+        # lowered to the quota a server announced (kept across reconnects: the
+        # resends pipelined after the next Login must fit it too)
+        self._flight_cap = max_in_flight
+        # protocol version: offered range [MIN_PROTOCOL_VERSION, offer], negotiated one
+        self.version = MIN_PROTOCOL_VERSION
+        self._max_version = max_version
+        self._offered = MIN_PROTOCOL_VERSION
+        self._version_fallback_ms = version_fallback_ms
+        self._fallback_until_ms: int | None = None
+        # pacing: every frame after Login takes a token of this connection's bucket
+        self._pace_rate_percent = pace_rate_percent
+        self._pace_burst_percent = pace_burst_percent
+        self._ack_delay_ms = ack_delay_ms
+        self._pacer: TokenBucket | None = None
+        # (max_frames_per_s, frame_burst) the last server announced
+        self._announced = (DEFAULT_MAX_FRAMES_PER_S, DEFAULT_FRAME_BURST)
+        self._paced = 0  # frames paid for on this connection
+        self._held: deque[Message] = deque()  # frames waiting for a token, in order
+        self._acks_due: dict[str, int] = {}  # conv -> cumulative ack waiting
+        self._singles_due: dict[tuple[str, int], None] = {}  # single acks waiting
+        self._acks_since_ms = now_ms  # when the oldest waiting ack became due
+        self._receipts_due: dict[str, int] = {}  # conv -> read receipt waiting
+        self._pump_blocked = False  # the queue waits for tokens, not for the window
+        self._pace_handle: TimerHandle[tuple[int, Any]] | None = None
         self._max_queued = max_queued
         self._max_cid_span = max_cid_span
         self._max_conversations = max_conversations
@@ -398,7 +459,27 @@ class ClientSession:
         self._connected_ms = now_ms
         self._hb.reset(now_ms, policy=self._hb_policy, rand=self._rng.random())
         self._hold_until_ms = now_ms
-        out: list[Output] = [Login(token=self.token, device=self.device, resume=self.resume_id)]
+        self.version = MIN_PROTOCOL_VERSION
+        offer = self._max_version
+        if self._fallback_until_ms is not None:
+            if now_ms < self._fallback_until_ms:
+                offer = MIN_PROTOCOL_VERSION  # an old server refused the offer lately
+            else:
+                self._fallback_until_ms = None
+        self._offered = offer
+        # until this server announces its limits, pace for what the last one
+        # announced (the servers of a cluster share a config), or for the defaults
+        rate, burst = self._pace_rate(*self._announced)
+        self._pacer = TokenBucket(rate_per_s=rate, burst=burst, now_ms=now_ms)
+        self._paced = 0
+        out: list[Output] = [
+            Login(
+                token=self.token,
+                device=self.device,
+                resume=self.resume_id,
+                max_version=offer,  # a Login offering only 1 is version 1's Login
+            )
+        ]
         wheel = self._wheel
         for cid, e in self._in_flight.items():
             e.sent += 1
@@ -409,7 +490,15 @@ class ClientSession:
         self._sync_inbox = True
         self._maybe_sync(now_ms, out)
         self._arm_hb()
-        return out
+        return self._flush(now_ms, out)
+
+    def _pace_rate(self, max_frames_per_s: int, frame_burst: int) -> tuple[int, int]:
+        return pace_limits(
+            max_frames_per_s,
+            frame_burst,
+            rate_percent=self._pace_rate_percent,
+            burst_percent=self._pace_burst_percent,
+        )
 
     def connection_lost(self, now_ms: int) -> list[Output]:
         """The transport is gone: stop every timer; keep sends and windows. O(in flight).
@@ -441,6 +530,14 @@ class ClientSession:
             self._hb_handle.cancel()
         if self._hold_handle is not None:
             self._hold_handle.cancel()
+        self._pacer = None
+        self._held.clear()
+        self._acks_due.clear()
+        self._singles_due.clear()
+        self._receipts_due.clear()
+        self._pump_blocked = False
+        if self._pace_handle is not None:
+            self._pace_handle.cancel()
 
     def reconnect_delay_ms(self) -> int:
         """How long to wait before the next connection attempt (full jitter). O(1).
@@ -491,16 +588,14 @@ class ClientSession:
         out: list[Output] = []
         if self._live:
             self._pump(now_ms, out)
-            if out:
-                self._hb.on_sent(now_ms)
+            return cid, self._flush(now_ms, out)
         return cid, out
 
     def mark_read(self, conv: str, seq: int, now_ms: int) -> list[Output]:
         """Tell the server ``conv`` was read up to ``seq`` (a Receipt). Nothing offline. O(1)."""
         if not self._live:
             return []
-        self._hb.on_sent(now_ms)
-        return [Receipt(conv=conv, seq=seq)]
+        return self._flush(now_ms, [Receipt(conv=conv, seq=seq)])
 
     def set_cursor(self, conv: str, seq: int) -> None:
         """Start tracking ``conv`` after ``seq`` (the app already holds up to it). O(1).
@@ -532,8 +627,7 @@ class ClientSession:
                 self._want(conv)
         out: list[Output] = []
         self._maybe_sync(now_ms, out)
-        self._finish(now_ms, out)
-        return out
+        return self._flush(now_ms, out)
 
     # -- frames ------------------------------------------------------------------------
 
@@ -556,16 +650,143 @@ class ClientSession:
             self._drop_connection()
             return [CloseConnection(code=ErrorCode.PROTOCOL_ERROR, reason="unexpected frame")]
         handler(self, message, now_ms, out)
-        self._finish(now_ms, out)
-        return out
+        return self._flush(now_ms, out)
 
-    def _finish(self, now_ms: int, out: list[Output]) -> None:
-        """Count a frame among ``out`` as outgoing traffic for the heartbeat."""
-        if out and self._live:
-            for o in out:
-                if not isinstance(o, SessionEvent):
-                    self._hb.on_sent(now_ms)
-                    break
+    # -- pacing: the one way out for frames ---------------------------------------------
+
+    def _flush(self, now_ms: int, out: list[Output]) -> list[Output]:
+        """Pass the frames of ``out`` through the pacer; return what to act on now.
+
+        Every frame after Login takes a token of this connection's bucket (the
+        server's announced rate and burst, scaled down by the pace margins). A frame
+        without a token waits in order (``_held``) and the pace timer says when to
+        call :meth:`tick` again. Push acks and read receipts are coalesced per
+        conversation while they wait. Events pass unchanged. O(len(out)) plus the
+        frames released.
+        """
+        if not self._live or self._pacer is None:
+            return out
+        result: list[Output] = []
+        for o in out:
+            if isinstance(o, SessionEvent):  # CloseConnection included
+                result.append(o)
+            else:
+                self._pace_one(o, now_ms, result)
+        self._drain(now_ms, result)
+        for o in result:
+            if not isinstance(o, SessionEvent):
+                self._hb.on_sent(now_ms)  # outgoing traffic, for the heartbeat
+                break
+        return result
+
+    def _pace_one(self, m: Message, now_ms: int, result: list[Output]) -> None:
+        """Send ``m`` now if it has a token and nothing waits before it; else hold it."""
+        t = type(m)
+        if t is PushAck:
+            assert isinstance(m, PushAck)
+            if not self._acks_due and not self._singles_due:
+                self._acks_since_ms = now_ms
+            if m.cumulative:
+                if m.seq > self._acks_due.get(m.conv, 0):
+                    self._acks_due[m.conv] = m.seq
+            else:
+                self._singles_due[m.conv, m.seq] = None
+            return
+        if t is Receipt:
+            assert isinstance(m, Receipt)
+            if m.seq > self._receipts_due.get(m.conv, -1):
+                self._receipts_due[m.conv] = m.seq
+            return
+        if t is Login:
+            result.append(m)  # before login: the server's bucket does not count it
+            return
+        pacer = self._pacer
+        assert pacer is not None
+        if not self._held and pacer.take(now_ms):
+            self._paced += 1
+            result.append(m)
+        else:
+            self._held.append(m)
+
+    def _drain(self, now_ms: int, result: list[Output]) -> None:
+        """Release waiting frames while tokens last: acks, receipts, held frames, queue.
+
+        Acks go first (they let the server stop tracking pushes), at once while the
+        budget holds more than half its burst, else once they waited
+        ``ack_delay_ms`` (coalescing meanwhile). Then re-arm the pace timer for
+        whatever still waits. O(frames released + conversations waiting).
+        """
+        pacer = self._pacer
+        assert pacer is not None
+        if self._acks_due or self._singles_due:
+            half = pacer.burst // 2 + 1
+            if (
+                now_ms >= self._acks_since_ms + self._ack_delay_ms
+                or pacer.retry_after_ms(now_ms, half) == 0
+            ):
+                self._release_acks(now_ms, result)
+        if self._receipts_due:
+            receipts = self._receipts_due
+            while receipts and pacer.take(now_ms):
+                conv = next(iter(receipts))
+                self._paced += 1
+                result.append(Receipt(conv=conv, seq=receipts.pop(conv)))
+        held = self._held
+        while held and pacer.take(now_ms):
+            self._paced += 1
+            result.append(held.popleft())
+        if self._pump_blocked and not held and self._queue:
+            more: list[Output] = []
+            self._pump(now_ms, more)
+            for m in more:
+                assert not isinstance(m, SessionEvent)
+                self._pace_one(m, now_ms, result)
+        self._arm_pace(now_ms)
+
+    def _release_acks(self, now_ms: int, result: list[Output]) -> None:
+        """Write the waiting acks, each conversation's as few frames as possible."""
+        pacer = self._pacer
+        assert pacer is not None
+        cumulative = self._acks_due
+        singles = self._singles_due
+        for key in list(singles):
+            conv, seq = key
+            if cumulative.get(conv, 0) >= seq:
+                del singles[key]  # a cumulative ack covers it
+                self.stats.acks_coalesced += 1
+                continue
+            if not pacer.take(now_ms):
+                return
+            del singles[key]
+            self._paced += 1
+            result.append(PushAck(conv=conv, seq=seq, cumulative=False))
+        while cumulative and pacer.take(now_ms):
+            conv = next(iter(cumulative))
+            self._paced += 1
+            result.append(PushAck(conv=conv, seq=cumulative.pop(conv)))
+        if not cumulative and not singles:
+            self._acks_since_ms = now_ms
+
+    def _arm_pace(self, now_ms: int) -> None:
+        """Arm the pace timer for the earliest moment something waiting may go. O(1)."""
+        pacer = self._pacer
+        assert pacer is not None
+        due: int | None = None
+        if self._held or self._receipts_due or (self._pump_blocked and self._queue):
+            due = now_ms + max(1, pacer.retry_after_ms(now_ms))
+        if self._acks_due or self._singles_due:
+            ack_due = max(
+                self._acks_since_ms + self._ack_delay_ms,
+                now_ms + max(1, pacer.retry_after_ms(now_ms)),
+            )
+            due = ack_due if due is None else min(due, ack_due)
+        if due is None:
+            if self._pace_handle is not None:
+                self._pace_handle.cancel()
+        elif self._pace_handle is None:
+            self._pace_handle = self._wheel.add(due, (_PACE, 0))
+        else:
+            self._pace_handle.reschedule(due)
 
     def _on_login_ack(self, m: LoginAck, now_ms: int, out: list[Output]) -> None:
         if self.state is not ClientState.LOGGING_IN:
@@ -574,6 +795,18 @@ class ClientSession:
         self._go(ClientTrigger.LOGIN_ACK)
         self.uid = m.uid
         self.resume_id = m.session
+        # a server never picks above the offer; one that does is held to the offer
+        self.version = max(MIN_PROTOCOL_VERSION, min(m.version, self._offered))
+        if self.version >= 2:
+            if m.max_frames_per_s > 0 and m.frame_burst > 0:
+                self._announced = (m.max_frames_per_s, m.frame_burst)
+                rate, burst = self._pace_rate(m.max_frames_per_s, m.frame_burst)
+                pacer = TokenBucket(rate_per_s=rate, burst=burst, now_ms=now_ms)
+                # the frames sent since Login count against the server's bucket too
+                pacer.take(now_ms, min(self._paced, burst))
+                self._pacer = pacer
+            if m.max_sends_in_flight > 0:
+                self._flight_cap = min(self._max_in_flight, m.max_sends_in_flight)
         if m.heartbeat_ms > 0:
             self._hb_policy = self._hb_policy.with_interval(m.heartbeat_ms)
         self._hb.reset(now_ms, policy=self._hb_policy, rand=self._rng.random())
@@ -588,8 +821,8 @@ class ClientSession:
 
     def _on_send_ack(self, m: SendAck, now_ms: int, out: list[Output]) -> None:
         e = self._in_flight.get(m.cid)
-        if e is None:
-            self.stats.unknown_acks += 1
+        if e is None or e.msg.conv != m.conv:
+            self.stats.unknown_acks += 1  # not (an answer to) a send of ours
             return
         if not m.error:
             del self._in_flight[m.cid]
@@ -604,13 +837,15 @@ class ClientSession:
                 self._pump(now_ms, out)
             return
         elif m.error in _RETRYABLE and not self._send_retry.exhausted(e.retries):
-            # the server did not take it: resend after the back-off (a retry)
+            # the server did not take it: resend after the back-off (a retry), or
+            # after the server's hint if that is later
             assert e.handle is not None
-            e.handle.reschedule(now_ms + self._retry_ms(e.retries))
+            hint = min(m.retry_after_ms, MAX_RETRY_HINT_MS)
+            e.handle.reschedule(now_ms + max(self._retry_ms(e.retries), hint))
             return
         else:
             self._settle(e)
-            out.append(SendFailure(cid=m.cid, conv=e.msg.conv, code=m.error, attempts=e.sent))
+            out.append(SendFailed(cid=m.cid, conv=e.msg.conv, code=m.error, attempts=e.sent))
         self._pump(now_ms, out)
 
     def _settle(self, e: _Outgoing) -> None:
@@ -740,7 +975,22 @@ class ClientSession:
     def _on_receipt(self, m: Receipt, now_ms: int, out: list[Output]) -> None:
         out.append(ReceiptReceived(receipt=m))
 
+    def _refused_offer(self, code: int, now_ms: int) -> None:
+        """PROTOCOL_ERROR before LoginAck after offering version 2+: an old server.
+
+        Offer only version 1 for ``version_fallback_ms``; the next connection then
+        sends version 1's Login, which every server decodes.
+        """
+        if (
+            code == ErrorCode.PROTOCOL_ERROR
+            and self.state is ClientState.LOGGING_IN
+            and self._offered > MIN_PROTOCOL_VERSION
+        ):
+            self._fallback_until_ms = now_ms + self._version_fallback_ms
+            self.stats.version_fallbacks += 1
+
     def _on_kick(self, m: Kick, now_ms: int, out: list[Output]) -> None:
+        self._refused_offer(m.code, now_ms)
         self._retry_hint_ms = min(max(0, m.retry_after_ms), MAX_RETRY_HINT_MS)
         self._go(ClientTrigger.CONNECTION_LOST)
         self._drop_connection()
@@ -756,7 +1006,8 @@ class ClientSession:
 
     def _on_error(self, m: Error, now_ms: int, out: list[Output]) -> None:
         out.append(ServerError(code=m.code, reason=m.reason, retry_after_ms=m.retry_after_ms))
-        if m.code in (ErrorCode.RATE_LIMITED, ErrorCode.QUOTA_EXCEEDED) and m.retry_after_ms > 0:
+        self._refused_offer(m.code, now_ms)
+        if m.code in _HOLD_CODES and m.retry_after_ms > 0:
             # hold new sends and due retries until the server is ready again
             until = now_ms + min(m.retry_after_ms, MAX_RETRY_HINT_MS)
             if until > self._hold_until_ms:
@@ -765,7 +1016,7 @@ class ClientSession:
                     self._hold_handle = self._wheel.add(until, (_HOLD, 0))
                 else:
                     self._hold_handle.reschedule(until)
-        elif m.code in (ErrorCode.SERVER_BUSY, ErrorCode.SHUTDOWN):
+        if m.code in (ErrorCode.SERVER_BUSY, ErrorCode.SHUTDOWN):
             self._retry_hint_ms = min(max(0, m.retry_after_ms), MAX_RETRY_HINT_MS)
 
     # -- internals ---------------------------------------------------------------------
@@ -788,10 +1039,23 @@ class ClientSession:
         in_flight = self._in_flight
         wheel = self._wheel
         first = self._retry_ms(0)
-        while queue and len(in_flight) < self._max_in_flight:
+        # no more sends than tokens: a send waiting for a token waits in the queue,
+        # where its retry timer does not run
+        pacer = self._pacer
+        budget = len(queue)
+        if pacer is not None:
+            pacer.retry_after_ms(now_ms)  # refill
+            budget = int(pacer.tokens) - len(self._held)
+        self._pump_blocked = False
+        cap = self._flight_cap
+        while queue and len(in_flight) < cap:
             msg = queue[0]
             if in_flight and msg.cid - next(iter(in_flight)) >= self._max_cid_span:
                 break  # wait for the oldest send to settle
+            if budget <= 0:
+                self._pump_blocked = True  # the pace timer pumps again
+                break
+            budget -= 1
             queue.popleft()
             e = _Outgoing(msg)
             e.sent = 1
@@ -949,10 +1213,10 @@ class ClientSession:
                 self._on_gap_timer(key, now_ms, out)
             elif kind == _SYNC:
                 self._on_sync_timer(key, now_ms, out)
-            else:  # _HOLD
+            elif kind == _HOLD:
                 self._pump(now_ms, out)
-        self._finish(now_ms, out)
-        return out
+            # _PACE: _flush below releases what waits for tokens
+        return self._flush(now_ms, out)
 
     def _on_send_timer(self, cid: int, now_ms: int, out: list[Output]) -> None:
         e = self._in_flight.get(cid)
@@ -964,7 +1228,7 @@ class ClientSession:
         retry = self._send_retry
         if retry.exhausted(e.retries):
             self._settle(e)
-            out.append(SendFailure(cid=cid, conv=e.msg.conv, code=0, attempts=e.sent))
+            out.append(SendFailed(cid=cid, conv=e.msg.conv, code=0, attempts=e.sent))
             self._pump(now_ms, out)
             return
         e.retries += 1
@@ -1039,8 +1303,28 @@ class ClientSession:
             fail("a queued send is older than one in flight")
         if (cids + queued) and max(cids + queued) >= self._next_cid:
             fail("a send has a cid not below next_cid")
-        if len(cids) > self._max_in_flight:
-            fail("more sends in flight than max_in_flight")
+        # (a server's LoginAck may lower the cap below what already flies)
+        if len(cids) > self._max_in_flight or not 1 <= self._flight_cap <= self._max_in_flight:
+            fail("more sends in flight than max_in_flight, or a cap above it")
+        waiting = bool(
+            self._held or self._acks_due or self._singles_due or self._receipts_due
+        )
+        if not connected:
+            if waiting or self._pacer is not None:
+                fail("frames wait for tokens while disconnected")
+            if self._pace_handle is not None and self._pace_handle.pending:
+                fail("pace timer pending while disconnected")
+        else:
+            if self._pacer is None:
+                fail("connected without a pacer")
+            else:
+                self._pacer._check()
+            if waiting and (self._pace_handle is None or not self._pace_handle.pending):
+                fail("frames wait for tokens without a pace timer")
+        if any(type(m) is PushAck or type(m) is Receipt or type(m) is Login for m in self._held):
+            fail("an ack, receipt or Login among the held frames")
+        if not MIN_PROTOCOL_VERSION <= self.version <= self._offered <= self._max_version:
+            fail(f"version {self.version} outside the offer {self._offered}")
         if len(queued) > self._max_queued:
             fail("more sends queued than max_queued")
         if cids and cids[-1] - cids[0] >= self._max_cid_span:

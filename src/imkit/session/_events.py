@@ -30,7 +30,7 @@ __all__ = [
     "ReceiptPosted",
     "ReceiptReceived",
     "SendAcked",
-    "SendFailure",
+    "SendFailed",
     "SendRequested",
     "ServerError",
     "SessionEvent",
@@ -87,7 +87,7 @@ class SendAcked(SessionEvent):
 
 
 @attrs.frozen(kw_only=True)
-class SendFailure(SessionEvent):
+class SendFailed(SessionEvent):
     """Client: the send ``cid`` was given up after ``attempts`` transmissions.
 
     ``code`` is the server's :class:`~imkit.protocol.ErrorCode` when the server

@@ -20,6 +20,8 @@ from imkit.dedup import CidWindow, Verdict
 from imkit.errors import AuthError, ConfigError, LocalProtocolError
 from imkit.policy import ExponentialBackoff, HeartbeatPolicy, TokenBucket
 from imkit.protocol import (
+    MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
     Error,
     ErrorCode,
     Kick,
@@ -38,6 +40,7 @@ from imkit.protocol import (
     SyncPage,
     SyncRequest,
     SyncResponse,
+    downgrade,
 )
 from imkit.session._events import (
     CloseConnection,
@@ -47,6 +50,13 @@ from imkit.session._events import (
     SendRequested,
     SessionStarted,
     SyncRequested,
+)
+from imkit.session._limits import (
+    DEFAULT_ACK_CACHE,
+    DEFAULT_CID_WINDOW,
+    DEFAULT_FRAME_BURST,
+    DEFAULT_MAX_FRAMES_PER_S,
+    DEFAULT_MAX_SENDS_IN_FLIGHT,
 )
 from imkit.session._state import ServerState, ServerTrigger, server_next
 from imkit.timingwheel import TimerHandle, TimingWheel
@@ -77,18 +87,6 @@ __all__ = [
 #: well under 2 s); nginx's ``client_header_timeout`` (60 s) is for humans typing.
 #: A connection that says nothing is cut at this deadline (slowloris, idle floods).
 DEFAULT_LOGIN_TIMEOUT_MS = 10_000
-#: 64 sends awaiting the logic server's answer per connection: a person types a few
-#: messages per second; 64 covers a burst of forwarded messages or a reconnect's
-#: resends (the client keeps at most this many in flight, see ClientSession).
-DEFAULT_MAX_SENDS_IN_FLIGHT = 64
-#: Answers (SendAck) remembered for resent cids: at least the client's in-flight
-#: window (64), so a resend caused by a slow answer is answered from memory; an
-#: older resend goes to the store again, which is idempotent on (uid, cid).
-DEFAULT_ACK_CACHE = 64
-#: The cid dedup window: 256 cids (a 512-byte ring per sending session, see
-#: imkit.dedup), 4x the in-flight quota and 2x the client's cid span limit
-#: (``DEFAULT_MAX_CID_SPAN`` = 128), so a legitimate resend is never STALE.
-DEFAULT_CID_WINDOW = 256
 #: Unacknowledged pushes tracked per connection: ~10 s of a busy group at 100 msg/s.
 #: A client further behind is cut (SLOW_CONSUMER) and catches up by sync.
 DEFAULT_MAX_TRACKED_PUSHES = 1024
@@ -96,11 +94,6 @@ DEFAULT_MAX_TRACKED_PUSHES = 1024
 #: retransmission storms on slow mobile links), then 6 s and 12 s; after 3 retries
 #: the push is left to sync (33 s in all, past the 30 s heartbeat interval).
 DEFAULT_PUSH_RETRY = ExponentialBackoff(base_ms=3_000, cap_ms=12_000, max_attempts=3)
-#: 200 frames/s sustained, 400 in a burst: acks included, a client receiving a busy
-#: group one push per frame answers one ack per frame; a human never gets near.
-#: Floods (thousands/s) are refused within the burst.
-DEFAULT_MAX_FRAMES_PER_S = 200
-DEFAULT_FRAME_BURST = 400
 #: After 100 refused frames with no quiet gap of ``violation_window_ms``, the client
 #: is kicked: half a second of a 2x flood, never a burst that backs off when told.
 DEFAULT_MAX_VIOLATIONS = 100
@@ -152,6 +145,11 @@ class ServerConfig:
     quota_retry_ms: int = DEFAULT_QUOTA_RETRY_MS
     max_syncs_in_flight: int = DEFAULT_MAX_SYNCS_IN_FLIGHT
     max_sync_limit: int = DEFAULT_MAX_SYNC_LIMIT
+    #: protocol versions this server speaks; it picks the highest one the client
+    #: offers too. Lower ``max_version`` during a rolling upgrade to keep every
+    #: client on the old version until all servers run the new code.
+    min_version: int = MIN_PROTOCOL_VERSION
+    max_version: int = PROTOCOL_VERSION
     #: cut (SLOW_CONSUMER) a client that acknowledged nothing during a push's whole
     #: retry schedule: it keeps the link alive (pings) but does not read, and the
     #: kernel's socket buffer can hide that from the write-buffer limit for a long time
@@ -185,6 +183,11 @@ class ServerConfig:
             raise ConfigError(f"quota_retry_ms must be >= 0, got {self.quota_retry_ms}")
         if not 0 < self.reconnect_min_ms <= self.reconnect_max_ms:
             raise ConfigError("need 0 < reconnect_min_ms <= reconnect_max_ms")
+        if not MIN_PROTOCOL_VERSION <= self.min_version <= self.max_version <= PROTOCOL_VERSION:
+            raise ConfigError(
+                f"need {MIN_PROTOCOL_VERSION} <= min_version <= max_version <= "
+                f"{PROTOCOL_VERSION}, got {self.min_version}, {self.max_version}"
+            )
 
 
 class ServerStats:
@@ -197,6 +200,7 @@ class ServerStats:
         "abuse_kicks",
         "acks_ignored",
         "auth_failures",
+        "cid_conflicts",
         "client_errors",
         "duplicate_sends",
         "frames_after_close",
@@ -210,6 +214,7 @@ class ServerStats:
         "slow_consumer_kicks",
         "stale_sends",
         "unresponsive_kicks",
+        "version_refusals",
     )
 
     def __init__(self) -> None:
@@ -228,6 +233,7 @@ class ServerStats:
     abuse_kicks: int
     acks_ignored: int
     auth_failures: int
+    cid_conflicts: int
     client_errors: int
     duplicate_sends: int
     frames_after_close: int
@@ -241,6 +247,7 @@ class ServerStats:
     slow_consumer_kicks: int
     stale_sends: int
     unresponsive_kicks: int
+    version_refusals: int
 
 
 class ServerTimer:
@@ -326,6 +333,7 @@ class ServerSession:
         "stats",
         "tag",
         "uid",
+        "version",
     )
 
     def __init__(
@@ -352,6 +360,9 @@ class ServerSession:
         self.state = ServerState.AWAIT_LOGIN
         self.uid = ""
         self.device = ""
+        #: the protocol version negotiated at login (1 until then): what the client
+        #: can decode; every message to it is encoded for this version
+        self.version = MIN_PROTOCOL_VERSION
         self._last_rx_ms = now_ms
         self._last_ack_ms = now_ms - 1  # the last PushAck accepted: none yet
         self._liveness = wheel.add(now_ms + cfg.login_timeout_ms, _Liveness(self))
@@ -422,6 +433,12 @@ class ServerSession:
         return []
 
     def _login(self, m: Login, now_ms: int) -> list[Output]:
+        cfg = self._cfg
+        # the highest version both speak; a Login without an offer is [1, 1]
+        version = min(m.max_version, cfg.max_version)
+        if m.min_version > m.max_version or version < max(m.min_version, cfg.min_version):
+            self.stats.version_refusals += 1
+            return self._kick(ErrorCode.PROTOCOL_ERROR, "unsupported protocol version")
         try:
             uid = self._auth(m.token, m.device)
         except AuthError:
@@ -429,7 +446,7 @@ class ServerSession:
             return self._kick(ErrorCode.AUTH_FAILED, "authentication failed")
         if not uid:
             raise LocalProtocolError("authenticate() returned an empty uid")
-        cfg = self._cfg
+        self.version = version
         self.uid = uid
         self.device = m.device
         resumed = False
@@ -459,9 +476,13 @@ class ServerSession:
             reconnect_min_ms=cfg.reconnect_min_ms,
             reconnect_max_ms=cfg.reconnect_max_ms,
             server_ms=now_ms,
+            version=version,
+            max_frames_per_s=cfg.max_frames_per_s,
+            frame_burst=cfg.frame_burst,
+            max_sends_in_flight=cfg.max_sends_in_flight,
         )
         return [
-            ack,
+            downgrade(ack, version),
             SessionStarted(uid=uid, device=m.device, session=self.session_id, resumed=resumed),
         ]
 
@@ -472,12 +493,16 @@ class ServerSession:
         cid = m.cid
         pending = self._pending
         if pending is not None and cid in pending:
+            if pending[cid] != m.conv:
+                return self._cid_conflict(m)
             self.stats.duplicate_sends += 1
             return []  # the answer is on its way
         acks = self._acks
         if acks is not None:
             ack = acks.get(cid)
             if ack is not None:
+                if ack.conv != m.conv:
+                    return self._cid_conflict(m)
                 self.stats.duplicate_sends += 1
                 return [ack]
         if pending is None:
@@ -513,6 +538,15 @@ class ServerSession:
                 repeat=repeat,
             )
         ]
+
+    def _cid_conflict(self, m: Send) -> list[Output]:
+        """A cid already used for another conversation: refuse this send, keep the first.
+
+        Answering with the first send's ack would tell the client that this message
+        was stored as the other conversation's seq. O(1).
+        """
+        self.stats.cid_conflicts += 1
+        return [SendAck(cid=m.cid, conv=m.conv, error=ErrorCode.BAD_REQUEST)]
 
     def _on_push_ack(self, m: PushAck, now_ms: int) -> list[Output]:
         convs = self._convs
@@ -590,19 +624,25 @@ class ServerSession:
         self._remember(ack)
         return [ack]
 
-    def fail_send(self, cid: int, code: int) -> list[Output]:
+    def fail_send(self, cid: int, code: int, *, retry_after_ms: int = 0) -> list[Output]:
         """The application refused send ``cid`` with ``code`` (an ErrorCode != OK). O(1).
 
         Permanent refusals (``NOT_MEMBER``, ``TOO_LARGE``, ...) are remembered like
         acks; transient ones (``INTERNAL``, ``SERVER_BUSY``, ``RATE_LIMITED``,
         ``QUOTA_EXCEEDED``) are not, so a resend asks the application again.
+        ``retry_after_ms`` tells the client when to resend a transient refusal
+        (sent to clients of protocol version 2 and later).
         """
         if code == ErrorCode.OK:
             raise ConfigError("fail_send needs an error code other than OK")
         if self.state is ServerState.CLOSED:
             return []
+        if type(retry_after_ms) is not int or retry_after_ms < 0:
+            raise ConfigError(f"retry_after_ms must be an int >= 0, got {retry_after_ms!r}")
         conv = self._pop_pending(cid)
-        ack = SendAck(cid=cid, conv=conv, error=code)
+        ack = SendAck(cid=cid, conv=conv, error=code, retry_after_ms=retry_after_ms)
+        if self.version < PROTOCOL_VERSION:
+            ack = downgrade(ack, self.version)  # type: ignore[assignment]
         if code not in _RETRYABLE:
             self._remember(ack)
         return [ack]

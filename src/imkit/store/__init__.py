@@ -1,4 +1,5 @@
-"""Message storage for the logic server: timelines, inboxes, read cursors, registry.
+"""Message storage for the logic server: timelines, inboxes, read and device cursors,
+registry.
 
 :class:`MessageStore` is the interface; :class:`MemoryStore` (the embedded default,
 everything in RAM) and :class:`SqliteStore` (persistent, one SQLite file) implement it
@@ -16,6 +17,7 @@ from imkit.store._base import (
     DEFAULT_DEDUP_WINDOW,
     DEFAULT_MAX_BODY_SIZE,
     DEFAULT_MAX_CONVERSATIONS_PER_USER,
+    DEFAULT_MAX_DEVICES_PER_USER,
     DEFAULT_MAX_INBOX,
     DEFAULT_MAX_MEMBERS,
     DEFAULT_MAX_READ_LIMIT,
@@ -46,6 +48,7 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_CONVERSATIONS",
     "DEFAULT_MAX_CONVERSATIONS_PER_USER",
+    "DEFAULT_MAX_DEVICES_PER_USER",
     "DEFAULT_MAX_INBOX",
     "DEFAULT_MAX_MEMBERS",
     "DEFAULT_MAX_MESSAGES",

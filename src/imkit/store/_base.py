@@ -17,22 +17,27 @@ Vocabulary:
   (``inbox_add``), numbered by a per-user **cursor** that increases by one per entry.
 * **read cursor**: per (user, conversation), the highest seq the user has read; it
   never moves backwards. Read receipts are derived from it.
+* **device cursor**: per (user, device, conversation), the seq up to which that
+  device holds the conversation contiguously (learnt by the logic server from
+  cumulative push acks and sync requests). An inbox sync of the device starts there,
+  so a durable store spares every device a full re-download after a restart.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import attrs
 
-from imkit.errors import ConfigError
+from imkit.errors import CapacityError, ConfigError
 
 __all__ = [
     "DEFAULT_DEDUP_WINDOW",
     "DEFAULT_MAX_BODY_SIZE",
     "DEFAULT_MAX_CONVERSATIONS_PER_USER",
+    "DEFAULT_MAX_DEVICES_PER_USER",
     "DEFAULT_MAX_INBOX",
     "DEFAULT_MAX_MEMBERS",
     "DEFAULT_MAX_READ_LIMIT",
@@ -61,6 +66,14 @@ DEFAULT_MAX_MEMBERS = 100_000
 #: conversation, so this bounds that work; Telegram allows 500 groups per user, and a
 #: heavy user's 1:1 chats stay well under 10k.
 DEFAULT_MAX_CONVERSATIONS_PER_USER = 10_000
+
+#: Devices per user whose cursors are kept; writing a new device's cursors past it
+#: forgets the device written least recently (it then syncs from 0: correct, more
+#: bytes). A user has a phone, a tablet, a laptop and a browser or two; 16 leaves
+#: room for reinstalls (each a new device id) without letting one user's device ids
+#: grow the store. Per device, at most one cursor per conversation of the user
+#: (``max_conversations_per_user``).
+DEFAULT_MAX_DEVICES_PER_USER = 16
 
 #: Max (conversation, seq) entries kept per user inbox, oldest trimmed. At ~100
 #: messages an hour for a busy user this is about four days offline; past that the
@@ -234,6 +247,8 @@ class MessageStore(Protocol):
     #: Bounded idempotency memory: (sender, cid) keys of this many most recent
     #: messages per conversation are remembered; ``None``: every message's key.
     dedup_window: int | None
+    #: Whether what is stored survives a restart of the process (a file, a server).
+    durable: bool
 
     # messages
     def append(
@@ -284,6 +299,21 @@ class MessageStore(Protocol):
         """Every member's read cursor that is above 0: who has read up to what."""
         ...
 
+    # device cursors (where each device's inbox sync starts)
+    def set_device_cursors(self, uid: str, device: str, cursors: Mapping[str, int]) -> None:
+        """Move the cursors of ``device`` of ``uid`` up to ``cursors`` (conv -> seq).
+
+        A cursor never moves backwards and is clamped to the conversation's last
+        seq; conversations ``uid`` is not a member of are ignored. At most
+        ``max_devices_per_user`` devices are kept per user (the least recently
+        written is forgotten). One transaction.
+        """
+        ...
+
+    def device_cursors(self, uid: str, device: str) -> dict[str, int]:
+        """The cursors of ``device`` of ``uid`` (conv -> seq; {} for an unknown device)."""
+        ...
+
     # registry
     def create_user(self, uid: str) -> bool:
         """Register ``uid``; False if it already existed."""
@@ -306,7 +336,8 @@ class MessageStore(Protocol):
         ...
 
     def leave(self, uid: str, conv: str) -> bool:
-        """Remove ``uid`` from group ``conv`` (and its read cursor); False if not a member."""
+        """Remove ``uid`` from group ``conv`` (and its read and device cursors there);
+        False if not a member."""
         ...
 
     def members(self, conv: str) -> frozenset[str]:
@@ -364,6 +395,20 @@ def check_int(value: object, what: str) -> int:
     if type(value) is not int or not 0 <= value <= MAX_INT:
         raise ConfigError(f"{what} must be an int in [0, 2**63 - 1], got {value!r}")
     return value
+
+
+def check_cursors(cursors: object, max_entries: int) -> list[tuple[str, int]]:
+    """``cursors`` (a mapping conv -> seq) as checked (conv, seq) pairs.
+
+    ConfigError for a non-mapping or a bad conv or seq; CapacityError past
+    ``max_entries`` entries (one per conversation of a user is the most that can
+    count). O(len(cursors)).
+    """
+    if not isinstance(cursors, Mapping):
+        raise ConfigError("cursors must be a mapping conv -> seq")
+    if len(cursors) > max_entries:
+        raise CapacityError("max_conversations_per_user", max_entries, f"{len(cursors)} cursors")
+    return [(check_conv(conv), check_int(seq, "seq")) for conv, seq in cursors.items()]
 
 
 def check_limit(limit: object, what: str = "limit") -> int:

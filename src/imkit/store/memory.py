@@ -8,7 +8,9 @@ Layout (one process, nothing survives a restart):
   (membership and read cursor in one place), and a dict ``(sender, cid) -> seq`` that
   remembers the keys of the last ``dedup_window`` messages (the idempotency memory);
 * per user: the set of its conversations and its inbox, a list of (conv, seq) with a
-  dead prefix that is cut off in O(1) amortized steps.
+  dead prefix that is cut off in O(1) amortized steps; and, once written, its
+  devices' cursors (a dict ``device -> {conv: seq}`` in write order, so the least
+  recently written device is the first one).
 
 Limits: ``max_messages`` and ``max_bytes`` cap what the whole store holds. Reaching
 one refuses the append with :class:`~imkit.errors.CapacityError`; nothing stored is
@@ -18,7 +20,7 @@ Give the server a data directory (:class:`~imkit.store.SqliteStore`) to hold mor
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import NoReturn, cast
 
 from imkit.errors import (
@@ -33,6 +35,7 @@ from imkit.store._base import (
     DEFAULT_DEDUP_WINDOW,
     DEFAULT_MAX_BODY_SIZE,
     DEFAULT_MAX_CONVERSATIONS_PER_USER,
+    DEFAULT_MAX_DEVICES_PER_USER,
     DEFAULT_MAX_INBOX,
     DEFAULT_MAX_MEMBERS,
     DEFAULT_MAX_READ_LIMIT,
@@ -46,6 +49,7 @@ from imkit.store._base import (
     Page,
     StoredMessage,
     check_conv,
+    check_cursors,
     check_int,
     check_limit,
     check_new_message,
@@ -94,10 +98,11 @@ class _Conv:
 
 
 class _User:
-    __slots__ = ("convs", "inbox", "last", "start")
+    __slots__ = ("convs", "devices", "inbox", "last", "start")
 
     def __init__(self) -> None:
         self.convs: set[str] = set()
+        self.devices: dict[str, dict[str, int]] | None = None  # device -> {conv: seq}
         self.inbox: list[tuple[str, int]] = []  # live entries are inbox[start:]
         self.start = 0
         self.last = 0  # cursor of inbox[-1] (0 before the first entry)
@@ -122,6 +127,9 @@ class MemoryStore:
     [b'hi']
     """
 
+    #: Nothing survives the process (see :attr:`MessageStore.durable`).
+    durable: bool = False
+
     def __init__(
         self,
         *,
@@ -135,6 +143,7 @@ class MemoryStore:
         max_read_limit: int = DEFAULT_MAX_READ_LIMIT,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         dedup_window: int | None = DEFAULT_DEDUP_WINDOW,
+        max_devices_per_user: int = DEFAULT_MAX_DEVICES_PER_USER,
     ) -> None:
         """An empty store; every limit is documented on its ``DEFAULT_*`` constant. O(1)."""
         self.max_messages = check_positive_setting("max_messages", max_messages)
@@ -148,6 +157,9 @@ class MemoryStore:
         self.max_inbox = check_positive_setting("max_inbox", max_inbox)
         self.max_read_limit = check_positive_setting("max_read_limit", max_read_limit)
         self.max_body_size = check_positive_setting("max_body_size", max_body_size)
+        self.max_devices_per_user = check_positive_setting(
+            "max_devices_per_user", max_devices_per_user
+        )
         if dedup_window is not None:
             check_positive_setting("dedup_window", dedup_window)
         self.dedup_window: int | None = dedup_window
@@ -448,6 +460,44 @@ class MemoryStore:
         c = self._get_conv(conv)
         return {uid: r for uid, r in c.members.items() if r > 0}
 
+    # --- device cursors -------------------------------------------------------------
+
+    def set_device_cursors(self, uid: str, device: str, cursors: Mapping[str, int]) -> None:
+        """Move the cursors of ``device`` of ``uid`` up (never down), each clamped to
+        its conversation's last seq; conversations ``uid`` is not in are ignored. Past
+        ``max_devices_per_user`` the least recently written device is forgotten.
+        UserNotFound, ConfigError, CapacityError (more entries than
+        ``max_conversations_per_user``). O(len(cursors))."""
+        check_uid(uid)
+        check_uid(device, "device")
+        items = check_cursors(cursors, self.max_conversations_per_user)
+        u = self._get_user(uid)
+        devices = u.devices
+        if devices is None:
+            devices = u.devices = {}
+        held = devices.pop(device, None)  # re-inserted last: the most recently written
+        if held is None:
+            held = {}
+            if len(devices) >= self.max_devices_per_user:
+                del devices[next(iter(devices))]
+        devices[device] = held
+        convs = self._convs
+        for conv, seq in items:
+            if conv not in u.convs:
+                continue
+            top = min(seq, len(convs[conv].messages))
+            if top > held.get(conv, 0):
+                held[conv] = top
+
+    def device_cursors(self, uid: str, device: str) -> dict[str, int]:
+        """The cursors of ``device`` of ``uid`` (a copy; {} for an unknown device).
+        UserNotFound. O(conversations of the device)."""
+        check_uid(uid)
+        check_uid(device, "device")
+        devices = self._get_user(uid).devices
+        held = None if devices is None else devices.get(device)
+        return {} if held is None else dict(held)
+
     # --- registry -----------------------------------------------------------------
 
     def create_user(self, uid: str) -> bool:
@@ -539,8 +589,8 @@ class MemoryStore:
         return True
 
     def leave(self, uid: str, conv: str) -> bool:
-        """Remove ``uid`` from group ``conv`` and forget its read cursor; False if not
-        a member. ConfigError for a 1:1 chat. O(1)."""
+        """Remove ``uid`` from group ``conv`` and forget its read and device cursors
+        there; False if not a member. ConfigError for a 1:1 chat. O(devices of uid)."""
         check_uid(uid)
         c = self._get_conv(conv)
         if c.kind is ConvKind.DIRECT:
@@ -549,7 +599,11 @@ class MemoryStore:
             return False
         del c.members[uid]
         c.frozen = None
-        self._users[uid].convs.discard(conv)
+        u = self._users[uid]
+        u.convs.discard(conv)
+        if u.devices is not None:
+            for held in u.devices.values():
+                held.pop(conv, None)
         return True
 
     def members(self, conv: str) -> frozenset[str]:
@@ -631,6 +685,13 @@ class MemoryStore:
             for conv in u.convs:
                 assert conv in self._convs, f"{uid!r} is in unknown {conv!r}"
                 assert uid in self._convs[conv].members, f"{conv!r} misses member {uid!r}"
+            if u.devices is not None:
+                assert len(u.devices) <= self.max_devices_per_user, f"{uid!r}: too many devices"
+                for device, held in u.devices.items():
+                    for conv, seq in held.items():
+                        assert conv in u.convs, f"{uid!r}/{device!r}: cursor of {conv!r}"
+                        last = len(self._convs[conv].messages)
+                        assert 1 <= seq <= last, f"{uid!r}/{device!r}: cursor {seq} of {conv!r}"
             live = len(u.inbox) - u.start
             assert 0 <= u.start <= len(u.inbox), f"{uid!r}: inbox start {u.start}"
             assert live <= self.max_inbox, f"{uid!r}: {live} inbox entries"

@@ -1,6 +1,6 @@
 """SqliteStore: a persistent :class:`~imkit.store.MessageStore` on stdlib sqlite3.
 
-One database file (WAL journal), five tables::
+One database file (WAL journal), seven tables::
 
     users(uid, inbox_last, inbox_first, conv_count)          inbox cursors per user
     conversations(id, conv, kind, last_seq, member_count)    last_seq: the seq counter
@@ -9,6 +9,8 @@ One database file (WAL journal), five tables::
         primary key (conv_id, seq): a conversation's timeline is one index range
         unique (conv_id, sender, cid): the idempotency key, for every message ever
     inbox(uid, cursor, conv_id, seq)                         primary key (uid, cursor)
+    devices(uid, device, stamp)                              stamp: write order per user
+    device_cursors(uid, device, conv_id, seq)                where a device's sync starts
 
 Every write is one transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``): a message and
 its conversation's new ``last_seq`` commit together, so a seq is never handed out
@@ -27,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Concatenate, ParamSpec, TypeVar
 
 from imkit.errors import (
@@ -41,6 +43,7 @@ from imkit.errors import (
 from imkit.store._base import (
     DEFAULT_MAX_BODY_SIZE,
     DEFAULT_MAX_CONVERSATIONS_PER_USER,
+    DEFAULT_MAX_DEVICES_PER_USER,
     DEFAULT_MAX_INBOX,
     DEFAULT_MAX_MEMBERS,
     DEFAULT_MAX_READ_LIMIT,
@@ -52,6 +55,7 @@ from imkit.store._base import (
     Page,
     StoredMessage,
     check_conv,
+    check_cursors,
     check_int,
     check_limit,
     check_new_message,
@@ -67,8 +71,25 @@ __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
-#: ``PRAGMA user_version`` of the schema this code writes; another version is refused.
-SCHEMA_VERSION = 1
+#: ``PRAGMA user_version`` of the schema this code writes. Version 1 (before the
+#: device cursors) is upgraded in place when opened; any other version is refused.
+SCHEMA_VERSION = 2
+
+_DEVICE_TABLES = """
+CREATE TABLE devices (
+    uid TEXT NOT NULL,
+    device TEXT NOT NULL,
+    stamp INTEGER NOT NULL,
+    PRIMARY KEY (uid, device)
+) WITHOUT ROWID;
+CREATE TABLE device_cursors (
+    uid TEXT NOT NULL,
+    device TEXT NOT NULL,
+    conv_id INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (uid, device, conv_id)
+) WITHOUT ROWID;
+"""
 
 _SCHEMA = """
 CREATE TABLE users (
@@ -109,7 +130,7 @@ CREATE TABLE inbox (
     seq INTEGER NOT NULL,
     PRIMARY KEY (uid, cursor)
 ) WITHOUT ROWID;
-"""
+""" + _DEVICE_TABLES
 
 _SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")
 
@@ -123,6 +144,13 @@ _SQL_DUP = (
     "WHERE conv_id = ? AND sender = ? AND cid = ?"
 )
 _SQL_BUMP = "UPDATE conversations SET last_seq = ? WHERE id = ?"
+_SQL_DEVICE_CURSOR = (
+    "INSERT INTO device_cursors (uid, device, conv_id, seq) "
+    "SELECT ?1, ?2, c.id, min(?4, c.last_seq) FROM conversations c "
+    "JOIN members m ON m.conv_id = c.id AND m.uid = ?1 "
+    "WHERE c.conv = ?3 AND min(?4, c.last_seq) > 0 "
+    "ON CONFLICT (uid, device, conv_id) DO UPDATE SET seq = max(seq, excluded.seq)"
+)
 _SQL_READ = (
     "SELECT seq, sender, cid, body, msg_id, server_ms FROM messages "
     "WHERE conv_id = (SELECT id FROM conversations WHERE conv = ?) AND seq > ? "
@@ -161,6 +189,7 @@ class SqliteStore:
         max_inbox: int = DEFAULT_MAX_INBOX,
         max_read_limit: int = DEFAULT_MAX_READ_LIMIT,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        max_devices_per_user: int = DEFAULT_MAX_DEVICES_PER_USER,
         timeout_s: float = 5.0,
     ) -> None:
         """Open (creating if needed) the database at ``path`` (``":memory:"`` for a
@@ -174,12 +203,17 @@ class SqliteStore:
         self.max_inbox = check_positive_setting("max_inbox", max_inbox)
         self.max_read_limit = check_positive_setting("max_read_limit", max_read_limit)
         self.max_body_size = check_positive_setting("max_body_size", max_body_size)
+        self.max_devices_per_user = check_positive_setting(
+            "max_devices_per_user", max_devices_per_user
+        )
         if not isinstance(synchronous, str) or synchronous.upper() not in _SYNCHRONOUS:
             raise ConfigError(f"synchronous must be one of {_SYNCHRONOUS}, got {synchronous!r}")
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or timeout_s < 0:
             raise ConfigError(f"timeout_s must be a number >= 0, got {timeout_s!r}")
         self.synchronous = synchronous.upper()
         self.path = os.fspath(path)
+        #: A file survives the process; ``":memory:"`` (or ``""``: a temporary file) not.
+        self.durable = self.path not in (":memory:", "")
         self._db: sqlite3.Connection | None = None
         try:
             db = sqlite3.connect(
@@ -193,6 +227,8 @@ class SqliteStore:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 self._create_schema(db)
+            elif version == 1:
+                self._upgrade_from_1(db)
             elif version != SCHEMA_VERSION:
                 raise StoreError(
                     f"{self.path!r} has schema version {version}, not {SCHEMA_VERSION}"
@@ -216,6 +252,20 @@ class SqliteStore:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             # Another process may have created the schema first: then it is ours.
+            if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                raise
+
+    def _upgrade_from_1(self, db: sqlite3.Connection) -> None:
+        """Add the device cursor tables to a version-1 database (one transaction)."""
+        try:
+            db.executescript(
+                f"BEGIN IMMEDIATE;\n{_DEVICE_TABLES}\n"
+                f"PRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
+            )
+        except sqlite3.Error:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            # Another process may have upgraded it first.
             if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
                 raise
 
@@ -502,9 +552,16 @@ class SqliteStore:
         check_conv(conv)
         check_uid(uid)
         check_int(seq, "seq")
+        # A cursor that stays where it is (a repeated receipt) costs one read and no
+        # write transaction; only a move takes the write lock (and checks again).
+        current = self._read(self._set_read, uid, conv, seq, write=False)
+        if seq <= current:
+            return current
         return self._write(self._set_read, uid, conv, seq)
 
-    def _set_read(self, db: sqlite3.Connection, uid: str, conv: str, seq: int) -> int:
+    def _set_read(
+        self, db: sqlite3.Connection, uid: str, conv: str, seq: int, *, write: bool = True
+    ) -> int:
         conv_id, _kind, last_seq, _n = self._conv_row(db, conv)
         if seq > last_seq:
             raise ConfigError(f"seq {seq} is beyond the last seq of {conv!r}")
@@ -513,7 +570,7 @@ class SqliteStore:
         ).fetchone()
         if row is None:
             raise NotMember(uid, conv)
-        if seq <= row[0]:
+        if seq <= row[0] or not write:
             return int(row[0])
         db.execute(
             "UPDATE members SET read_seq = ? WHERE conv_id = ? AND uid = ?", (seq, conv_id, uid)
@@ -544,6 +601,63 @@ class SqliteStore:
             "SELECT uid, read_seq FROM members WHERE conv_id = ? AND read_seq > 0", (conv_id,)
         )
         return dict(rows)
+
+    # --- device cursors -------------------------------------------------------------
+
+    def set_device_cursors(self, uid: str, device: str, cursors: Mapping[str, int]) -> None:
+        """Move the cursors of ``device`` of ``uid`` up (never down), each clamped to
+        its conversation's last seq; conversations ``uid`` is not in are ignored. Past
+        ``max_devices_per_user`` the least recently written device is forgotten. One
+        transaction. UserNotFound, ConfigError, CapacityError (more entries than
+        ``max_conversations_per_user``). O(len(cursors) log n)."""
+        check_uid(uid)
+        check_uid(device, "device")
+        items = check_cursors(cursors, self.max_conversations_per_user)
+        self._write(self._set_device_cursors, uid, device, items)
+
+    def _set_device_cursors(
+        self, db: sqlite3.Connection, uid: str, device: str, items: list[tuple[str, int]]
+    ) -> None:
+        self._user_row(db, uid)
+        top, count = db.execute(
+            "SELECT coalesce(max(stamp), 0), count(*) FROM devices WHERE uid = ?", (uid,)
+        ).fetchone()
+        known = db.execute(
+            "SELECT stamp FROM devices WHERE uid = ? AND device = ?", (uid, device)
+        ).fetchone()
+        if known is None:
+            if count >= self.max_devices_per_user:
+                for (old,) in db.execute(
+                    "SELECT device FROM devices WHERE uid = ? ORDER BY stamp LIMIT ?",
+                    (uid, count - self.max_devices_per_user + 1),
+                ).fetchall():
+                    db.execute("DELETE FROM devices WHERE uid = ? AND device = ?", (uid, old))
+                    db.execute(
+                        "DELETE FROM device_cursors WHERE uid = ? AND device = ?", (uid, old)
+                    )
+            db.execute("INSERT INTO devices VALUES (?, ?, ?)", (uid, device, top + 1))
+        elif known[0] != top:
+            db.execute(
+                "UPDATE devices SET stamp = ? WHERE uid = ? AND device = ?", (top + 1, uid, device)
+            )
+        db.executemany(_SQL_DEVICE_CURSOR, [(uid, device, conv, seq) for conv, seq in items])
+
+    def device_cursors(self, uid: str, device: str) -> dict[str, int]:
+        """The cursors of ``device`` of ``uid`` ({} for an unknown device). UserNotFound.
+        O(log n + conversations of the device)."""
+        check_uid(uid)
+        check_uid(device, "device")
+
+        def run(db: sqlite3.Connection) -> dict[str, int]:
+            self._user_row(db, uid)
+            rows = db.execute(
+                "SELECT c.conv, d.seq FROM device_cursors d JOIN conversations c "
+                "ON c.id = d.conv_id WHERE d.uid = ? AND d.device = ?",
+                (uid, device),
+            )
+            return dict(rows)
+
+        return self._read(run)
 
     # --- registry -----------------------------------------------------------------
 
@@ -647,8 +761,8 @@ class SqliteStore:
         return True
 
     def leave(self, uid: str, conv: str) -> bool:
-        """Remove ``uid`` from group ``conv`` and its read cursor; False if not a
-        member. ConfigError for a 1:1 chat. O(log n)."""
+        """Remove ``uid`` from group ``conv`` and its read and device cursors there;
+        False if not a member. ConfigError for a 1:1 chat. O(log n + devices of uid)."""
         check_conv(conv)
         check_uid(uid)
         return self._write(self._leave, uid, conv)
@@ -665,6 +779,7 @@ class SqliteStore:
             "UPDATE conversations SET member_count = member_count - 1 WHERE id = ?", (conv_id,)
         )
         db.execute("UPDATE users SET conv_count = conv_count - 1 WHERE uid = ?", (uid,))
+        db.execute("DELETE FROM device_cursors WHERE uid = ? AND conv_id = ?", (uid, conv_id))
         return True
 
     def members(self, conv: str) -> frozenset[str]:
@@ -778,6 +893,22 @@ class SqliteStore:
             "SELECT i.uid, i.cursor FROM inbox i LEFT JOIN conversations c ON c.id = i.conv_id "
             "WHERE c.id IS NULL OR i.seq < 1 OR i.seq > c.last_seq",
             "an inbox entry naming no stored message",
+        )
+        none(
+            "SELECT d.uid, d.device, d.conv_id FROM device_cursors d LEFT JOIN members m "
+            "ON m.conv_id = d.conv_id AND m.uid = d.uid LEFT JOIN conversations c "
+            "ON c.id = d.conv_id WHERE m.uid IS NULL OR d.seq < 1 OR d.seq > c.last_seq",
+            "a device cursor outside its user's conversations or their seqs",
+        )
+        none(
+            "SELECT d.uid, d.device FROM device_cursors d LEFT JOIN devices v "
+            "ON v.uid = d.uid AND v.device = d.device WHERE v.uid IS NULL",
+            "device cursors of an unregistered device",
+        )
+        none(
+            f"SELECT uid, count(*) FROM devices GROUP BY uid "
+            f"HAVING count(*) > {self.max_devices_per_user}",
+            "more devices than max_devices_per_user",
         )
         for conv, kind in db.execute("SELECT conv, kind FROM conversations"):
             uids = sorted(

@@ -1,0 +1,1 @@
+"""Frozen copies of earlier wire-protocol releases, for compatibility tests."""

@@ -1,0 +1,126 @@
+"""The imkit wire protocol: framing, strict CBOR codec, typed messages, sans-IO connection.
+
+Implementation lives in private modules: ``_messages`` (the typed messages and the
+SENDERS table), ``_limits`` (every constant with its reason), ``_schema`` (wire
+kind and limit of each field), ``_codec`` (header, generated strict CBOR
+encoders/decoders, LZ4) and ``_connection`` (the sans-IO :class:`Connection`).
+See docs/protocol.md for the byte-by-byte format.
+"""
+
+from __future__ import annotations
+
+from imkit.errors import (
+    BadHeader,
+    DecompressionError,
+    FrameTooLarge,
+    InvalidField,
+    LocalProtocolError,
+    MalformedBody,
+    ProtocolError,
+    RemoteProtocolError,
+    TruncatedFrame,
+    UnexpectedFrame,
+)
+from tests.compat.v1.protocol._codec import (
+    decode,
+    decode_body,
+    encode,
+    encode_body,
+    encode_push_batch,
+)
+from tests.compat.v1.protocol._connection import (
+    CLOSED,
+    NEED_DATA,
+    Connection,
+    ConnectionState,
+    Event,
+    Sentinel,
+)
+from tests.compat.v1.protocol._limits import (
+    DEFAULT_COMPRESS_THRESHOLD,
+    DEFAULT_MAX_BUFFER_SIZE,
+    DEFAULT_MAX_FRAME_SIZE,
+    HEADER_SIZE,
+    MAX_ID_BYTES,
+    MAX_ITEMS,
+    MAX_REASON_BYTES,
+    MAX_TOKEN_BYTES,
+    MAX_UINT,
+)
+from tests.compat.v1.protocol._messages import (
+    SENDERS,
+    Error,
+    ErrorCode,
+    FrameType,
+    Kick,
+    Login,
+    LoginAck,
+    Message,
+    Notify,
+    Ping,
+    Pong,
+    Push,
+    PushAck,
+    PushBatch,
+    Receipt,
+    Role,
+    Send,
+    SendAck,
+    SyncPage,
+    SyncRequest,
+    SyncResponse,
+)
+
+__all__ = [
+    "CLOSED",
+    "DEFAULT_COMPRESS_THRESHOLD",
+    "DEFAULT_MAX_BUFFER_SIZE",
+    "DEFAULT_MAX_FRAME_SIZE",
+    "HEADER_SIZE",
+    "MAX_ID_BYTES",
+    "MAX_ITEMS",
+    "MAX_REASON_BYTES",
+    "MAX_TOKEN_BYTES",
+    "MAX_UINT",
+    "NEED_DATA",
+    "SENDERS",
+    "BadHeader",
+    "Connection",
+    "ConnectionState",
+    "DecompressionError",
+    "Error",
+    "ErrorCode",
+    "Event",
+    "FrameTooLarge",
+    "FrameType",
+    "InvalidField",
+    "Kick",
+    "LocalProtocolError",
+    "Login",
+    "LoginAck",
+    "MalformedBody",
+    "Message",
+    "Notify",
+    "Ping",
+    "Pong",
+    "ProtocolError",
+    "Push",
+    "PushAck",
+    "PushBatch",
+    "Receipt",
+    "RemoteProtocolError",
+    "Role",
+    "Send",
+    "SendAck",
+    "Sentinel",
+    "SyncPage",
+    "SyncRequest",
+    "SyncResponse",
+    "TruncatedFrame",
+    "UnexpectedFrame",
+    "decode",
+    "decode_body",
+    "encode",
+    "encode_body",
+    "encode_push_batch",
+]

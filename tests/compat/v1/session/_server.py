@@ -1,0 +1,955 @@
+"""The server half of the delivery contract: one :class:`ServerSession` per connection.
+
+A gateway holds one session per client connection. The session checks the login,
+fixes the identity every later frame is attributed to, drops resent sends (a
+:class:`~imkit.dedup.CidWindow` plus a small cache of the answers it gave),
+turns sends and sync requests into application events, tracks every push until
+the client acknowledges it (retrying from timers on one wheel shared by all
+sessions), enforces per-connection quotas, and cuts a connection that goes
+silent. See ``docs/session.md`` for the state machine and the contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+
+from imkit.dedup import CidWindow, Verdict
+from imkit.errors import AuthError, ConfigError, LocalProtocolError
+from imkit.policy import ExponentialBackoff, HeartbeatPolicy, TokenBucket
+from imkit.timingwheel import TimerHandle, TimingWheel
+from tests.compat.v1.protocol import (
+    Error,
+    ErrorCode,
+    Kick,
+    Login,
+    LoginAck,
+    Message,
+    Notify,
+    Ping,
+    Pong,
+    Push,
+    PushAck,
+    PushBatch,
+    Receipt,
+    Send,
+    SendAck,
+    SyncPage,
+    SyncRequest,
+    SyncResponse,
+)
+from tests.compat.v1.session._events import (
+    CloseConnection,
+    Output,
+    PushAcked,
+    ReceiptPosted,
+    SendRequested,
+    SessionStarted,
+    SyncRequested,
+)
+from tests.compat.v1.session._state import ServerState, ServerTrigger, server_next
+
+__all__ = [
+    "DEFAULT_ACK_CACHE",
+    "DEFAULT_CID_WINDOW",
+    "DEFAULT_FRAME_BURST",
+    "DEFAULT_LOGIN_TIMEOUT_MS",
+    "DEFAULT_MAX_FRAMES_PER_S",
+    "DEFAULT_MAX_SENDS_IN_FLIGHT",
+    "DEFAULT_MAX_SYNCS_IN_FLIGHT",
+    "DEFAULT_MAX_SYNC_LIMIT",
+    "DEFAULT_MAX_TRACKED_PUSHES",
+    "DEFAULT_MAX_VIOLATIONS",
+    "DEFAULT_PUSH_RETRY",
+    "DEFAULT_QUOTA_RETRY_MS",
+    "DEFAULT_VIOLATION_WINDOW_MS",
+    "Authenticate",
+    "ResumeLookup",
+    "ServerConfig",
+    "ServerSession",
+    "ServerStats",
+    "ServerTimer",
+]
+
+#: 10 s to send Login after connecting: one small frame needs one RTT (even 2G is
+#: well under 2 s); nginx's ``client_header_timeout`` (60 s) is for humans typing.
+#: A connection that says nothing is cut at this deadline (slowloris, idle floods).
+DEFAULT_LOGIN_TIMEOUT_MS = 10_000
+#: 64 sends awaiting the logic server's answer per connection: a person types a few
+#: messages per second; 64 covers a burst of forwarded messages or a reconnect's
+#: resends (the client keeps at most this many in flight, see ClientSession).
+DEFAULT_MAX_SENDS_IN_FLIGHT = 64
+#: Answers (SendAck) remembered for resent cids: at least the client's in-flight
+#: window (64), so a resend caused by a slow answer is answered from memory; an
+#: older resend goes to the store again, which is idempotent on (uid, cid).
+DEFAULT_ACK_CACHE = 64
+#: The cid dedup window: 256 cids (a 512-byte ring per sending session, see
+#: imkit.dedup), 4x the in-flight quota and 2x the client's cid span limit
+#: (``DEFAULT_MAX_CID_SPAN`` = 128), so a legitimate resend is never STALE.
+DEFAULT_CID_WINDOW = 256
+#: Unacknowledged pushes tracked per connection: ~10 s of a busy group at 100 msg/s.
+#: A client further behind is cut (SLOW_CONSUMER) and catches up by sync.
+DEFAULT_MAX_TRACKED_PUSHES = 1024
+#: Push retries: first after 3 s (the seed's RTO advice: 初始RTO 3s, avoiding
+#: retransmission storms on slow mobile links), then 6 s and 12 s; after 3 retries
+#: the push is left to sync (33 s in all, past the 30 s heartbeat interval).
+DEFAULT_PUSH_RETRY = ExponentialBackoff(base_ms=3_000, cap_ms=12_000, max_attempts=3)
+#: 200 frames/s sustained, 400 in a burst: acks included, a client receiving a busy
+#: group one push per frame answers one ack per frame; a human never gets near.
+#: Floods (thousands/s) are refused within the burst.
+DEFAULT_MAX_FRAMES_PER_S = 200
+DEFAULT_FRAME_BURST = 400
+#: After 100 refused frames with no quiet gap of ``violation_window_ms``, the client
+#: is kicked: half a second of a 2x flood, never a burst that backs off when told.
+DEFAULT_MAX_VIOLATIONS = 100
+DEFAULT_VIOLATION_WINDOW_MS = 10_000
+#: retry_after_ms sent with QUOTA_EXCEEDED (sends or syncs in flight): about one
+#: logic-server round trip under load.
+DEFAULT_QUOTA_RETRY_MS = 1_000
+#: Sync requests awaiting the application's answer: a reconnect sync plus one gap sync.
+DEFAULT_MAX_SYNCS_IN_FLIGHT = 2
+#: Largest page a client may ask for, per conversation: 500 chat messages of ~100 B
+#: stay below the protocol's 64 KiB frame limit once compressed.
+DEFAULT_MAX_SYNC_LIMIT = 500
+
+#: A callable that checks a login token for ``device`` and returns the user id, or
+#: raises :class:`~imkit.errors.AuthError`. Supplied by the caller (e.g. an HMAC check).
+Authenticate = Callable[[str, str], str]
+#: ``resume(uid, device, resume_id)``: the caller's lookup of a recently closed
+#: session to continue (its upstream dedup state is adopted), or None.
+ResumeLookup = Callable[[str, str, str], "ServerSession | None"]
+
+# Server error codes after which a resent cid should be retried (not cached).
+_RETRYABLE = frozenset(
+    {ErrorCode.INTERNAL, ErrorCode.SERVER_BUSY, ErrorCode.RATE_LIMITED, ErrorCode.QUOTA_EXCEEDED}
+)
+
+
+@attrs.frozen(kw_only=True)
+class ServerConfig:
+    """Every limit and timing of a :class:`ServerSession`, shared by all sessions of a gateway.
+
+    One frozen object instead of per-session attributes keeps an idle session small
+    (a gateway holds ~100k of them). Each field defaults to the ``DEFAULT_*``
+    constant of the same name, which documents where the number comes from.
+    """
+
+    login_timeout_ms: int = DEFAULT_LOGIN_TIMEOUT_MS
+    heartbeat: HeartbeatPolicy = attrs.field(factory=HeartbeatPolicy)
+    reconnect_min_ms: int = 500
+    reconnect_max_ms: int = 30_000
+    max_sends_in_flight: int = DEFAULT_MAX_SENDS_IN_FLIGHT
+    ack_cache: int = DEFAULT_ACK_CACHE
+    cid_window: int = DEFAULT_CID_WINDOW
+    max_tracked_pushes: int = DEFAULT_MAX_TRACKED_PUSHES
+    push_retry: ExponentialBackoff = DEFAULT_PUSH_RETRY
+    max_frames_per_s: int = DEFAULT_MAX_FRAMES_PER_S
+    frame_burst: int = DEFAULT_FRAME_BURST
+    max_violations: int = DEFAULT_MAX_VIOLATIONS
+    violation_window_ms: int = DEFAULT_VIOLATION_WINDOW_MS
+    quota_retry_ms: int = DEFAULT_QUOTA_RETRY_MS
+    max_syncs_in_flight: int = DEFAULT_MAX_SYNCS_IN_FLIGHT
+    max_sync_limit: int = DEFAULT_MAX_SYNC_LIMIT
+    #: cut (SLOW_CONSUMER) a client that acknowledged nothing during a push's whole
+    #: retry schedule: it keeps the link alive (pings) but does not read, and the
+    #: kernel's socket buffer can hide that from the write-buffer limit for a long time
+    kick_unresponsive: bool = True
+    #: derived: ``push_retry.delay_ms(0)``, computed once (the per-push path reads it)
+    first_push_retry_ms: int = attrs.field(init=False, default=0)
+    #: derived: from a push's first send to its abandonment, the whole retry schedule
+    push_give_up_ms: int = attrs.field(init=False, default=0)
+
+    def __attrs_post_init__(self) -> None:
+        for name in (
+            "login_timeout_ms",
+            "max_sends_in_flight",
+            "ack_cache",
+            "cid_window",
+            "max_tracked_pushes",
+            "max_frames_per_s",
+            "frame_burst",
+            "max_violations",
+            "violation_window_ms",
+            "max_syncs_in_flight",
+            "max_sync_limit",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        object.__setattr__(self, "first_push_retry_ms", self.push_retry.delay_ms(0))
+        attempts = self.push_retry.max_attempts or 0
+        span = sum(self.push_retry.delay_ms(a) for a in range(attempts + 1))
+        object.__setattr__(self, "push_give_up_ms", span)
+        if self.quota_retry_ms < 0:
+            raise ConfigError(f"quota_retry_ms must be >= 0, got {self.quota_retry_ms}")
+        if not 0 < self.reconnect_min_ms <= self.reconnect_max_ms:
+            raise ConfigError("need 0 < reconnect_min_ms <= reconnect_max_ms")
+
+
+class ServerStats:
+    """Counters of one session, or of many: pass one shared object to every session.
+
+    Every "ignored and counted" case of the contract lands here. Plain int slots.
+    """
+
+    __slots__ = (
+        "abuse_kicks",
+        "acks_ignored",
+        "auth_failures",
+        "client_errors",
+        "duplicate_sends",
+        "frames_after_close",
+        "heartbeat_timeouts",
+        "login_timeouts",
+        "protocol_errors",
+        "pushes_abandoned",
+        "pushes_duplicate",
+        "pushes_retried",
+        "refused_frames",
+        "slow_consumer_kicks",
+        "stale_sends",
+        "unresponsive_kicks",
+    )
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        """All counters by name. O(counters)."""
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __repr__(self) -> str:
+        nonzero = {k: v for k, v in self.as_dict().items() if v}
+        return f"ServerStats({nonzero})"
+
+    # counters, for type checkers
+    abuse_kicks: int
+    acks_ignored: int
+    auth_failures: int
+    client_errors: int
+    duplicate_sends: int
+    frames_after_close: int
+    heartbeat_timeouts: int
+    login_timeouts: int
+    protocol_errors: int
+    pushes_abandoned: int
+    pushes_duplicate: int
+    pushes_retried: int
+    refused_frames: int
+    slow_consumer_kicks: int
+    stale_sends: int
+    unresponsive_kicks: int
+
+
+class ServerTimer:
+    """An item on the wheel shared by all sessions; ``item.session.on_timer(item, now_ms)``.
+
+    The driver of the shared :class:`~imkit.timingwheel.TimingWheel` does::
+
+        for item in wheel.advance(now_ms):
+            outputs = item.session.on_timer(item, now_ms)
+            ...  # write frames / handle events of item.session (item.session.tag)
+    """
+
+    __slots__ = ("session",)
+
+    def __init__(self, session: ServerSession) -> None:
+        self.session = session
+
+
+class _Liveness(ServerTimer):
+    """The one deadline of a session: login deadline, then heartbeat deadline."""
+
+    __slots__ = ()
+
+
+class _Flight(ServerTimer):
+    """Pushes sent in one frame, retried together by one timer until all are acked."""
+
+    __slots__ = ("attempts", "handle", "live", "pushes")
+
+    def __init__(self, session: ServerSession, pushes: tuple[Push, ...]) -> None:
+        self.session = session
+        self.pushes = pushes
+        self.live = len(pushes)  # how many of ``pushes`` are still tracked
+        self.attempts = 0  # retransmissions so far
+        self.handle: TimerHandle[ServerTimer] | None = None
+
+
+class ServerSession:
+    """The server side of one client connection: login, dedup, quotas, push tracking.
+
+    Driven by its caller (sans-IO): :meth:`receive` for every decoded frame,
+    :meth:`on_timer` for every item the shared wheel returns, and the
+    application's answers :meth:`ack_send`, :meth:`fail_send`,
+    :meth:`sync_response`, plus :meth:`push` for downstream messages. Each call
+    returns the outputs to act on, in order: wire messages (send them to the
+    client), :class:`~tests.compat.v1.session.SessionEvent` objects (for the application), and
+    :class:`~tests.compat.v1.session.CloseConnection` (close the transport after writing
+    what precedes it).
+
+    ``wheel`` is owned by the caller and shared by every session of the process;
+    the session keeps one timer on it (login, then heartbeat deadline) plus one
+    per frame of unacknowledged pushes. ``authenticate(token, device) -> uid``
+    raises :class:`~imkit.errors.AuthError` to refuse a login. ``resume`` looks up
+    a recently closed session for ``Login.resume``. ``tag`` is an opaque value for
+    the caller (its connection object); the session never reads it. ``stats`` may
+    be shared by many sessions. Costs: :meth:`receive` O(1) per frame except a
+    cumulative ``PushAck``, O(pushes tracked in that conversation); :meth:`push`
+    O(pushes).
+    """
+
+    __slots__ = (
+        "_acks",
+        "_auth",
+        "_bucket",
+        "_cfg",
+        "_cids",
+        "_convs",
+        "_highest",
+        "_last_ack_ms",
+        "_last_rx_ms",
+        "_last_violation_ms",
+        "_limited_until_ms",
+        "_liveness",
+        "_pending",
+        "_resume",
+        "_syncs",
+        "_tracked",
+        "_violations",
+        "_wheel",
+        "device",
+        "session_id",
+        "state",
+        "stats",
+        "tag",
+        "uid",
+    )
+
+    def __init__(
+        self,
+        *,
+        wheel: TimingWheel[ServerTimer],
+        authenticate: Authenticate,
+        session_id: str,
+        now_ms: int,
+        config: ServerConfig | None = None,
+        stats: ServerStats | None = None,
+        resume: ResumeLookup | None = None,
+        tag: Any = None,
+    ) -> None:
+        if not session_id:
+            raise ConfigError("session_id must not be empty")
+        self._cfg = cfg = config if config is not None else _DEFAULT_CONFIG
+        self._wheel = wheel
+        self._auth = authenticate
+        self._resume = resume
+        self.stats = stats if stats is not None else ServerStats()
+        self.tag = tag
+        self.session_id = session_id
+        self.state = ServerState.AWAIT_LOGIN
+        self.uid = ""
+        self.device = ""
+        self._last_rx_ms = now_ms
+        self._last_ack_ms = now_ms - 1  # the last PushAck accepted: none yet
+        self._liveness = wheel.add(now_ms + cfg.login_timeout_ms, _Liveness(self))
+        self._bucket: TokenBucket | None = None
+        # the structures below are created on first use and dropped when empty,
+        # so that an idle session stays small
+        self._cids: CidWindow | None = None
+        self._acks: dict[int, SendAck] | None = None
+        self._pending: dict[int, str] | None = None  # cid -> conv, awaiting the app
+        self._convs: dict[str, dict[int, _Flight]] | None = None  # tracked pushes
+        self._highest: dict[str, int] | None = None  # conv -> highest seq pushed
+        self._tracked = 0
+        self._syncs: set[int] | None = None  # sync req_ids awaiting the app
+        self._violations = 0
+        self._last_violation_ms = now_ms
+        self._limited_until_ms = now_ms
+
+    def __repr__(self) -> str:
+        return (
+            f"<ServerSession {self.session_id} {self.state.value} uid={self.uid!r} "
+            f"device={self.device!r} tracked={self._tracked}>"
+        )
+
+    @property
+    def config(self) -> ServerConfig:
+        """The limits and timings this session runs with (shared, frozen). O(1)."""
+        return self._cfg
+
+    @property
+    def tracked_pushes(self) -> int:
+        """How many pushes await the client's ack. O(1)."""
+        return self._tracked
+
+    @property
+    def sends_in_flight(self) -> int:
+        """How many sends await the application's answer. O(1)."""
+        return len(self._pending) if self._pending else 0
+
+    # -- input: frames -------------------------------------------------------------
+
+    def receive(self, message: Message, now_ms: int) -> list[Output]:
+        """Handle one frame from the client. O(1) (a cumulative PushAck: O(tracked in conv)).
+
+        Before login only ``Login`` is accepted; anything else, a bad token, a
+        frame the client may not send, or persistent quota abuse ends the session
+        with ``Kick`` + :class:`~tests.compat.v1.session.CloseConnection`. Frames after the
+        session closed are counted and ignored.
+        """
+        state = self.state
+        if state is ServerState.ACTIVE:
+            self._last_rx_ms = now_ms
+            bucket = self._bucket
+            if bucket is not None and not bucket.take(now_ms):
+                return self._refuse(
+                    ErrorCode.RATE_LIMITED, "rate limited", bucket.retry_after_ms(now_ms), now_ms
+                )
+            handler = _HANDLERS.get(type(message))
+            if handler is None:
+                self.stats.protocol_errors += 1
+                return self._kick(ErrorCode.PROTOCOL_ERROR, "unexpected frame")
+            return handler(self, message, now_ms)
+        if state is ServerState.AWAIT_LOGIN:
+            self._last_rx_ms = now_ms
+            if type(message) is Login:
+                return self._login(message, now_ms)
+            return self._kick(ErrorCode.NOT_LOGGED_IN, "login first")
+        self.stats.frames_after_close += 1
+        return []
+
+    def _login(self, m: Login, now_ms: int) -> list[Output]:
+        try:
+            uid = self._auth(m.token, m.device)
+        except AuthError:
+            self.stats.auth_failures += 1
+            return self._kick(ErrorCode.AUTH_FAILED, "authentication failed")
+        if not uid:
+            raise LocalProtocolError("authenticate() returned an empty uid")
+        cfg = self._cfg
+        self.uid = uid
+        self.device = m.device
+        resumed = False
+        if m.resume and self._resume is not None:
+            old = self._resume(uid, m.device, m.resume)
+            if (
+                old is not None
+                and old is not self
+                and old.state is ServerState.CLOSED
+                and old.uid == uid
+                and old.device == m.device
+            ):
+                self._cids, old._cids = old._cids, None
+                self._acks, old._acks = old._acks, None
+                self.session_id = old.session_id
+                resumed = True
+        self.state = server_next(self.state, ServerTrigger.LOGIN_OK)
+        self._bucket = TokenBucket(
+            rate_per_s=cfg.max_frames_per_s, burst=cfg.frame_burst, now_ms=now_ms
+        )
+        self._liveness.reschedule(now_ms + cfg.heartbeat.deadline_ms)
+        ack = LoginAck(
+            uid=uid,
+            session=self.session_id,
+            resumed=resumed,
+            heartbeat_ms=cfg.heartbeat.interval_ms,
+            reconnect_min_ms=cfg.reconnect_min_ms,
+            reconnect_max_ms=cfg.reconnect_max_ms,
+            server_ms=now_ms,
+        )
+        return [
+            ack,
+            SessionStarted(uid=uid, device=m.device, session=self.session_id, resumed=resumed),
+        ]
+
+    def _on_ping(self, m: Ping, now_ms: int) -> list[Output]:
+        return [Pong(nonce=m.nonce, server_ms=now_ms)]
+
+    def _on_send(self, m: Send, now_ms: int) -> list[Output]:
+        cid = m.cid
+        pending = self._pending
+        if pending is not None and cid in pending:
+            self.stats.duplicate_sends += 1
+            return []  # the answer is on its way
+        acks = self._acks
+        if acks is not None:
+            ack = acks.get(cid)
+            if ack is not None:
+                self.stats.duplicate_sends += 1
+                return [ack]
+        if pending is None:
+            pending = self._pending = {}
+        elif len(pending) >= self._cfg.max_sends_in_flight:
+            return self._refuse(
+                ErrorCode.QUOTA_EXCEEDED,
+                "too many sends in flight",
+                self._cfg.quota_retry_ms,
+                now_ms,
+            )
+        cids = self._cids
+        if cids is None:
+            cids = self._cids = CidWindow(self._cfg.cid_window)
+        verdict = cids.check(cid) if cid >= 1 else Verdict.STALE  # cids start at 1
+        if verdict is Verdict.STALE:
+            self.stats.stale_sends += 1
+            if not pending:
+                self._pending = None
+            return [SendAck(cid=cid, conv=m.conv, error=ErrorCode.BAD_REQUEST)]
+        repeat = verdict is Verdict.DUPLICATE
+        if repeat:
+            self.stats.duplicate_sends += 1
+        pending[cid] = m.conv
+        return [
+            SendRequested(
+                uid=self.uid,
+                device=self.device,
+                cid=cid,
+                conv=m.conv,
+                body=m.body,
+                client_ms=m.client_ms,
+                repeat=repeat,
+            )
+        ]
+
+    def _on_push_ack(self, m: PushAck, now_ms: int) -> list[Output]:
+        convs = self._convs
+        conv = m.conv
+        seqs = convs.get(conv) if convs is not None else None
+        if seqs is None:
+            self.stats.acks_ignored += 1
+            return []
+        s = m.seq
+        if m.cumulative:
+            assert self._highest is not None
+            if s > self._highest[conv]:
+                self.stats.acks_ignored += 1  # never advance on a seq we never pushed
+                return []
+            done = [q for q in seqs if q <= s]
+            if not done:
+                self.stats.acks_ignored += 1
+                return []
+            for q in done:
+                self._untrack(seqs.pop(q))
+        else:
+            f = seqs.pop(s, None)
+            if f is None:
+                self.stats.acks_ignored += 1
+                return []
+            self._untrack(f)
+        if not seqs:
+            self._forget_conv(conv)
+        self._last_ack_ms = now_ms
+        return [PushAcked(conv=conv, seq=s, cumulative=m.cumulative)]
+
+    def _on_sync(self, m: SyncRequest, now_ms: int) -> list[Output]:
+        cfg = self._cfg
+        syncs = self._syncs
+        if syncs is None:
+            syncs = self._syncs = set()
+        elif m.req_id in syncs:
+            return []  # the answer is on its way
+        elif len(syncs) >= cfg.max_syncs_in_flight:
+            return self._refuse(
+                ErrorCode.QUOTA_EXCEEDED, "too many syncs in flight", cfg.quota_retry_ms, now_ms
+            )
+        syncs.add(m.req_id)
+        return [
+            SyncRequested(
+                uid=self.uid,
+                device=self.device,
+                req_id=m.req_id,
+                after=m.after,
+                limit=min(max(m.limit, 1), cfg.max_sync_limit),
+            )
+        ]
+
+    def _on_receipt(self, m: Receipt, now_ms: int) -> list[Output]:
+        return [ReceiptPosted(receipt=Receipt(conv=m.conv, seq=m.seq, reader=self.uid))]
+
+    def _on_error(self, m: Error, now_ms: int) -> list[Output]:
+        self.stats.client_errors += 1
+        return []
+
+    # -- input: the application's answers ---------------------------------------------
+
+    def ack_send(self, cid: int, seq: int, msg_id: int = 0, server_ms: int = 0) -> list[Output]:
+        """The application stored send ``cid`` as ``seq``: answer the client. O(1).
+
+        The answer is remembered (up to ``ack_cache`` of them) so that a resend of
+        ``cid`` gets the same ``SendAck`` without reaching the store. Returns
+        nothing once the session is closed. Raises LocalProtocolError for a cid the
+        session did not request.
+        """
+        if self.state is ServerState.CLOSED:
+            return []
+        conv = self._pop_pending(cid)
+        ack = SendAck(cid=cid, conv=conv, seq=seq, msg_id=msg_id, server_ms=server_ms)
+        self._remember(ack)
+        return [ack]
+
+    def fail_send(self, cid: int, code: int) -> list[Output]:
+        """The application refused send ``cid`` with ``code`` (an ErrorCode != OK). O(1).
+
+        Permanent refusals (``NOT_MEMBER``, ``TOO_LARGE``, ...) are remembered like
+        acks; transient ones (``INTERNAL``, ``SERVER_BUSY``, ``RATE_LIMITED``,
+        ``QUOTA_EXCEEDED``) are not, so a resend asks the application again.
+        """
+        if code == ErrorCode.OK:
+            raise ConfigError("fail_send needs an error code other than OK")
+        if self.state is ServerState.CLOSED:
+            return []
+        conv = self._pop_pending(cid)
+        ack = SendAck(cid=cid, conv=conv, error=code)
+        if code not in _RETRYABLE:
+            self._remember(ack)
+        return [ack]
+
+    def _pop_pending(self, cid: int) -> str:
+        pending = self._pending
+        if pending is None or cid not in pending:
+            raise LocalProtocolError(f"no send with cid={cid} awaits an answer")
+        conv = pending.pop(cid)
+        if not pending:
+            self._pending = None
+        return conv
+
+    def _remember(self, ack: SendAck) -> None:
+        acks = self._acks
+        if acks is None:
+            acks = self._acks = {}
+        acks[ack.cid] = ack
+        if len(acks) > self._cfg.ack_cache:
+            del acks[next(iter(acks))]
+
+    def sync_response(self, req_id: int, pages: Iterable[SyncPage]) -> list[Output]:
+        """The application's answer to ``SyncRequested(req_id)``. O(1) plus the pages.
+
+        Each page must hold every message of its conversation after the ``after``
+        seq of the request, in seq order (``more=True`` when ``limit`` cut it).
+        Returns nothing once the session is closed; LocalProtocolError for a
+        req_id that was not requested (or answered twice).
+        """
+        if self.state is ServerState.CLOSED:
+            return []
+        syncs = self._syncs
+        if syncs is None or req_id not in syncs:
+            raise LocalProtocolError(f"no sync with req_id={req_id} awaits an answer")
+        syncs.discard(req_id)
+        if not syncs:
+            self._syncs = None
+        return [SyncResponse(req_id=req_id, pages=tuple(pages))]
+
+    # -- output: pushes --------------------------------------------------------------
+
+    def push(self, pushes: Push | PushBatch | Iterable[Push], now_ms: int) -> list[Output]:
+        """Send stored messages to the client and track them until acknowledged. O(pushes).
+
+        One ``Push`` frame for one message, one ``PushBatch`` for several. A
+        (conv, seq) already tracked is not sent again (its timer retries it).
+        Unacknowledged pushes are resent from the wheel (``push_retry``), then
+        dropped from tracking and announced with a ``Notify`` so the client syncs.
+        Over ``max_tracked_pushes`` the client is kicked (SLOW_CONSUMER). After
+        close: nothing is sent (the client syncs when it comes back). Before login:
+        LocalProtocolError.
+        """
+        state = self.state
+        if state is not ServerState.ACTIVE:
+            if state is ServerState.AWAIT_LOGIN:
+                raise LocalProtocolError("push() before the client logged in")
+            return []
+        if type(pushes) is Push:
+            return self._push_one(pushes, now_ms)
+        if isinstance(pushes, Push):
+            items: Iterable[Push] = (pushes,)
+        elif isinstance(pushes, PushBatch):
+            items = pushes.pushes
+        else:
+            items = pushes
+        convs = self._convs
+        if convs is None:
+            convs = self._convs = {}
+            self._highest = {}
+        highest = self._highest
+        assert highest is not None
+        fresh: list[Push] = []
+        flight = _Flight(self, ())
+        for p in items:
+            conv = p.conv
+            seqs = convs.get(conv)
+            if seqs is None:
+                seqs = convs[conv] = {}
+                highest[conv] = p.seq
+            elif p.seq in seqs:
+                self.stats.pushes_duplicate += 1
+                continue
+            elif p.seq > highest[conv]:
+                highest[conv] = p.seq
+            seqs[p.seq] = flight
+            fresh.append(p)
+        if not fresh:
+            if not convs:
+                self._convs = self._highest = None
+            return []
+        self._tracked += len(fresh)
+        if self._tracked > self._cfg.max_tracked_pushes:
+            self.stats.slow_consumer_kicks += 1
+            return self._kick(ErrorCode.SLOW_CONSUMER, "too many unacknowledged pushes")
+        flight.pushes = tuple(fresh)
+        flight.live = len(fresh)
+        flight.handle = self._wheel.add(now_ms + self._cfg.first_push_retry_ms, flight)
+        if len(fresh) == 1:
+            return [fresh[0]]
+        return [PushBatch(pushes=flight.pushes)]
+
+    def _push_one(self, p: Push, now_ms: int) -> list[Output]:
+        """push() of a single message: the common case, the same rules, fewer steps."""
+        convs = self._convs
+        highest = self._highest
+        if convs is None or highest is None:
+            convs = self._convs = {}
+            highest = self._highest = {}
+        conv = p.conv
+        seq = p.seq
+        seqs = convs.get(conv)
+        if seqs is None:
+            seqs = convs[conv] = {}
+            highest[conv] = seq
+        elif seq in seqs:
+            self.stats.pushes_duplicate += 1
+            return []
+        elif seq > highest[conv]:
+            highest[conv] = seq
+        flight = _Flight(self, (p,))
+        seqs[seq] = flight
+        self._tracked += 1
+        cfg = self._cfg
+        if self._tracked > cfg.max_tracked_pushes:
+            self.stats.slow_consumer_kicks += 1
+            return self._kick(ErrorCode.SLOW_CONSUMER, "too many unacknowledged pushes")
+        flight.handle = self._wheel.add(now_ms + cfg.first_push_retry_ms, flight)
+        return [p]
+
+    def _untrack(self, f: _Flight) -> None:
+        self._tracked -= 1
+        f.live -= 1
+        if f.live == 0 and f.handle is not None:
+            f.handle.cancel()
+
+    def _forget_conv(self, conv: str) -> None:
+        convs = self._convs
+        highest = self._highest
+        assert convs is not None and highest is not None
+        del convs[conv]
+        del highest[conv]
+        if not convs:
+            self._convs = self._highest = None
+
+    # -- timers ----------------------------------------------------------------------
+
+    def on_timer(self, item: ServerTimer, now_ms: int) -> list[Output]:
+        """Handle an item the shared wheel returned for this session. O(pushes in it).
+
+        Liveness: in AWAIT_LOGIN the login deadline (Kick NOT_LOGGED_IN); once
+        active, the heartbeat deadline -- re-armed lazily at ``last frame +
+        deadline`` if a frame came since, else Kick HEARTBEAT_TIMEOUT. Flight:
+        resend its unacknowledged pushes, or give them up to sync (with a Notify).
+        """
+        if item.session is not self:
+            raise LocalProtocolError("timer item belongs to another session")
+        if type(item) is _Liveness:
+            state = self.state
+            if state is ServerState.ACTIVE:
+                dead_at = self._last_rx_ms + self._cfg.heartbeat.deadline_ms
+                if now_ms >= dead_at:
+                    self.stats.heartbeat_timeouts += 1
+                    return self._kick(ErrorCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
+                self._liveness.reschedule(dead_at)
+                return []
+            if state is ServerState.AWAIT_LOGIN:
+                self.stats.login_timeouts += 1
+                return self._kick(ErrorCode.NOT_LOGGED_IN, "login timeout")
+            return []
+        assert isinstance(item, _Flight)
+        return self._retry(item, now_ms)
+
+    def _retry(self, f: _Flight, now_ms: int) -> list[Output]:
+        convs = self._convs
+        if self.state is not ServerState.ACTIVE or f.live == 0 or convs is None:
+            return []
+        live = [p for p in f.pushes if convs.get(p.conv, _NO_SEQS).get(p.seq) is f]
+        cfg = self._cfg
+        retry = cfg.push_retry
+        if retry.exhausted(f.attempts):
+            if cfg.kick_unresponsive and self._last_ack_ms < now_ms - cfg.push_give_up_ms:
+                # Nothing acknowledged since this push first went out: not reading.
+                self.stats.pushes_abandoned += len(live)
+                self.stats.unresponsive_kicks += 1
+                return self._kick(ErrorCode.SLOW_CONSUMER, "pushes unacknowledged")
+            entries: dict[str, int] = {}
+            for p in live:
+                seqs = convs[p.conv]
+                del seqs[p.seq]
+                self._untrack(f)
+                if p.seq > entries.get(p.conv, -1):
+                    entries[p.conv] = p.seq
+                if not seqs:
+                    self._forget_conv(p.conv)
+            self.stats.pushes_abandoned += len(live)
+            return [Notify(entries=tuple(entries.items()))]
+        f.attempts += 1
+        f.pushes = tuple(live)
+        assert f.handle is not None
+        f.handle.reschedule(now_ms + retry.delay_ms(f.attempts))
+        self.stats.pushes_retried += len(live)
+        if len(live) == 1:
+            return [live[0]]
+        return [PushBatch(pushes=f.pushes)]
+
+    # -- ending ----------------------------------------------------------------------
+
+    def kick(
+        self, code: int, *, reason: str = "", retry_after_ms: int = 0
+    ) -> list[Output]:
+        """End the session from the application side (REPLACED, SHUTDOWN, ...). O(tracked).
+
+        Returns ``Kick`` + :class:`~tests.compat.v1.session.CloseConnection`, or nothing if
+        already closed.
+        """
+        if self.state is ServerState.CLOSED:
+            return []
+        return self._kick(code, reason, retry_after_ms)
+
+    def connection_lost(self, now_ms: int) -> list[Output]:
+        """The transport is gone: cancel every timer, forget tracked pushes. O(tracked).
+
+        Idempotent. Returns an empty list (for symmetry with the other inputs).
+        """
+        self.state = server_next(self.state, ServerTrigger.CONNECTION_LOST)
+        self._teardown()
+        return []
+
+    def _kick(self, code: int, reason: str, retry_after_ms: int = 0) -> list[Output]:
+        self.state = server_next(self.state, ServerTrigger.KICK)
+        self._teardown()
+        return [
+            Kick(code=code, reason=reason, retry_after_ms=retry_after_ms),
+            CloseConnection(code=code, reason=reason),
+        ]
+
+    def _teardown(self) -> None:
+        self._liveness.cancel()
+        if self._convs is not None:
+            for seqs in self._convs.values():
+                for f in seqs.values():
+                    if f.handle is not None:
+                        f.handle.cancel()
+        self._convs = self._highest = None
+        self._tracked = 0
+        self._pending = None
+        self._syncs = None
+        self._bucket = None
+
+    def _refuse(self, code: int, reason: str, retry_after_ms: int, now_ms: int) -> list[Output]:
+        """A frame over quota: drop it, tell the client once per back-off, kick abusers."""
+        cfg = self._cfg
+        self.stats.refused_frames += 1
+        if now_ms - self._last_violation_ms > cfg.violation_window_ms:
+            self._violations = 0
+        self._violations += 1
+        self._last_violation_ms = now_ms
+        if self._violations > cfg.max_violations:
+            self.stats.abuse_kicks += 1
+            return self._kick(code, "quota abuse", cfg.violation_window_ms)
+        if now_ms < self._limited_until_ms:
+            return []  # already told; stay quiet until the back-off ends
+        retry_after_ms = max(retry_after_ms, 1)
+        self._limited_until_ms = now_ms + retry_after_ms
+        return [Error(code=code, reason=reason, retry_after_ms=retry_after_ms)]
+
+    # -- invariants ------------------------------------------------------------------
+
+    def _check(self) -> None:
+        """Assert every invariant (tests call this after each step). O(state size)."""
+
+        def fail(msg: str) -> None:
+            raise AssertionError(f"ServerSession {self.session_id}: {msg}")
+
+        cfg = self._cfg
+        state = self.state
+        if state is ServerState.CLOSED:
+            if self._liveness.pending:
+                fail("closed with the liveness timer pending")
+            if self._convs or self._tracked or self._pending or self._syncs:
+                fail("closed but still tracking work")
+        elif not self._liveness.pending:
+            fail(f"{state.value} without a liveness timer")
+        if state is ServerState.ACTIVE and not self.uid:
+            fail("active without a uid")
+        if state is ServerState.AWAIT_LOGIN and (self._convs or self._pending or self._syncs):
+            fail("work before login")
+        if self._pending is not None:
+            if not self._pending:
+                fail("empty pending dict kept")
+            if len(self._pending) > cfg.max_sends_in_flight:
+                fail("more sends in flight than max_sends_in_flight")
+        if self._acks is not None and len(self._acks) > cfg.ack_cache:
+            fail("ack cache over its limit")
+        if self._syncs is not None:
+            if not self._syncs:
+                fail("empty syncs set kept")
+            if len(self._syncs) > cfg.max_syncs_in_flight:
+                fail("more syncs in flight than max_syncs_in_flight")
+        convs = self._convs
+        if convs is None:
+            if self._tracked or self._highest is not None:
+                fail("tracked pushes without a conv index")
+        else:
+            highest = self._highest
+            if highest is None or set(highest) != set(convs):
+                fail("highest-pushed map out of step with the conv index")
+            assert highest is not None
+            live: dict[int, int] = {}
+            flights: dict[int, _Flight] = {}
+            total = 0
+            for conv, seqs in convs.items():
+                if not seqs:
+                    fail(f"empty seq map kept for {conv!r}")
+                if max(seqs) > highest[conv]:
+                    fail(f"tracked seq above highest pushed in {conv!r}")
+                for seq, f in seqs.items():
+                    total += 1
+                    live[id(f)] = live.get(id(f), 0) + 1
+                    flights[id(f)] = f
+                    if f.session is not self:
+                        fail("flight of another session")
+                    if not any(p.conv == conv and p.seq == seq for p in f.pushes):
+                        fail(f"({conv!r}, {seq}) tracked by a flight that does not hold it")
+            if total != self._tracked:
+                fail(f"tracked count {self._tracked} != {total}")
+            if total > cfg.max_tracked_pushes:
+                fail("more tracked pushes than max_tracked_pushes")
+            for key, f in flights.items():
+                if f.live != live[key]:
+                    fail(f"flight live count {f.live} != {live[key]}")
+                if f.handle is None or not f.handle.pending:
+                    fail("a flight with live pushes has no pending timer")
+        if self._bucket is not None:
+            self._bucket._check()
+
+
+_NO_SEQS: dict[int, _Flight] = {}
+_DEFAULT_CONFIG = ServerConfig()
+
+_Handler = Callable[[ServerSession, Any, int], list[Output]]
+#: frame type -> handler, for a logged-in session. Frames not here are protocol errors.
+_HANDLERS: dict[type, _Handler] = {
+    Ping: ServerSession._on_ping,
+    Send: ServerSession._on_send,
+    PushAck: ServerSession._on_push_ack,
+    SyncRequest: ServerSession._on_sync,
+    Receipt: ServerSession._on_receipt,
+    Error: ServerSession._on_error,
+}
