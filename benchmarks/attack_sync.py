@@ -124,8 +124,8 @@ async def main(quiet_s: float, flood_s: float, rate: float) -> None:
             print(f"attacker: {counts['frames']} sync frames in {flood_s:.0f} s, "
                   f"{counts['kicks']} kicks; logic: "
                   + ", ".join(f"{k}={stats[k]}" for k in keys if k in stats))
-            await alice.close()
-            await bob.close()
+            await alice.aclose()
+            await bob.aclose()
         finally:
             await cluster.stop()
 

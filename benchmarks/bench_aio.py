@@ -128,7 +128,7 @@ async def imkit_pair(coalesce: bool, inline: bool) -> Pair:
     def close() -> None:
         client.close()
         if isinstance(server, Server):
-            closing.append(loop.create_task(server.close()))
+            closing.append(loop.create_task(server.aclose()))
         else:
             server.close()
 

@@ -39,7 +39,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 
-from imkit.aio import Client, ClientStatus, http_get_json
+from imkit.aio import Client, ClientStatus
 from imkit.errors import BackendError, ConnectionClosed, HttpError, ImkitError, SendError
 from imkit.protocol import Push
 from imkit.session import Kicked, SessionEvent
@@ -47,6 +47,7 @@ from imkit.store import direct_conv_id
 
 from . import command
 from .auth import Authenticator
+from .httpclient import endpoint_fetcher, fetch_json
 
 __all__ = ["DEFAULT_IPCONF", "fetch_token", "main"]
 
@@ -57,7 +58,7 @@ DEFAULT_IPCONF = "http://127.0.0.1:7700"
 async def fetch_token(ipconf: str, uid: str, device: str) -> str:
     """A development login token from the launcher (BackendError if refused)."""
     query = urllib.parse.urlencode({"uid": uid, "device": device})
-    doc = await http_get_json(f"{ipconf.rstrip('/')}/dev/token?{query}")
+    doc = await fetch_json(f"{ipconf.rstrip('/')}/dev/token?{query}")
     token = doc.get("token") if isinstance(doc, dict) else None
     if not isinstance(token, str):
         raise BackendError(f"no token for {uid!r}: {doc}")
@@ -137,7 +138,9 @@ async def run_chat(args: argparse.Namespace) -> int:
     client = Client(
         token=token,
         device=device,
-        ipconf_url=f"{ipconf}/gateways?{urllib.parse.urlencode({'uid': args.user})}",
+        fetch_endpoints=endpoint_fetcher(
+            f"{ipconf}/gateways?{urllib.parse.urlencode({'uid': args.user})}"
+        ),
         endpoints=args.endpoint or (),
         on_event=on_event,
     )

@@ -75,6 +75,7 @@ from .auth import DEFAULT_TOKEN_TTL_S, Authenticator, new_secret
 from .gateway import Gateway, GatewayConfig
 from .ipconf import IpConf
 from .logic import BusPayload, Logic, LogicConfig
+from .overload import DEFAULT_MAX_BACKLOG, DEFAULT_MAX_LAG_MS, DEFAULT_SHED_RETRY_MS
 from .routes import RouteService
 
 __all__ = [
@@ -255,7 +256,7 @@ class Cluster:
             await self.ipconf.stop()
         self.logic.close()
         self.routes.close()
-        await self.bus.close()
+        await self.bus.aclose()
         self.store.close()
 
 
@@ -410,6 +411,12 @@ def _run_parser() -> argparse.ArgumentParser:
                    help="TCP connections from one address (raise it for load tests)")
     p.add_argument("--no-shed", action="store_true",
                    help="never refuse sends when overloaded (for comparisons)")
+    p.add_argument("--shed-max-lag-ms", type=int, default=DEFAULT_MAX_LAG_MS,
+                   help="refuse new sends while the event loop runs this late (default: off)")
+    p.add_argument("--shed-max-backlog", type=int, default=DEFAULT_MAX_BACKLOG,
+                   help="refuse new sends while this many envelopes wait for a gateway")
+    p.add_argument("--shed-retry-ms", type=int, default=DEFAULT_SHED_RETRY_MS,
+                   help="retry hint sent with a refused send")
     p.add_argument("--max-pending-logins", type=int, default=DEFAULT_MAX_PENDING_LOGINS,
                    help="TCP connections not yet logged in (the oldest is evicted past it)")
     p.add_argument("--ready-file", default=None, help="write where things listen (JSON) here")
@@ -449,6 +456,9 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
             max_per_address=args.max_per_address,
             max_pending_logins=args.max_pending_logins,
             shed=not args.no_shed,
+            shed_max_lag_ms=args.shed_max_lag_ms,
+            shed_max_backlog=args.shed_max_backlog,
+            shed_retry_ms=args.shed_retry_ms,
         ),
     )
 

@@ -131,8 +131,12 @@ logger = logging.getLogger("examples.gateway")
 #: does not make a healthy gateway vanish.
 DEFAULT_REPORT_INTERVAL_MS = 5_000
 #: Envelopes queued for this gateway on the bus before it counts as lagging (then
-#: its clients are told to resync): the bus default, ~100 ms of a busy gateway.
-DEFAULT_BUS_PENDING = 1024
+#: every client is told to resync). A saturated process takes in a frame or more per
+#: connection in one loop turn before the consumer runs (1,000 clients queued 1,000+
+#: envelopes per turn in benchmarks/bench_overload.py, so 1,024 overflowed and made
+#: every client resync, the most expensive answer there is); 8,192 holds a turn of a
+#: few thousand busy connections, at ~0.3 KB per envelope (2.5 MiB).
+DEFAULT_BUS_PENDING = 8192
 #: Busy-retry hint for a login the route table refuses (a full table): as long as
 #: a server-busy kick from :func:`imkit.aio.serve`.
 _BUSY_RETRY_MS = 5_000
@@ -164,7 +168,7 @@ class GatewayConfig:
     dev_tokens: bool = False  # serve /dev/token (development only: the launcher's --dev)
     # load shedding (examples.overload): refuse new sends past what the process carries
     shed: bool = True
-    shed_max_lag_ms: int = DEFAULT_MAX_LAG_MS
+    shed_max_lag_ms: int | None = DEFAULT_MAX_LAG_MS  # None: the lag signal is off
     shed_max_backlog: int = DEFAULT_MAX_BACKLOG
     shed_retry_ms: int = DEFAULT_SHED_RETRY_MS
 
@@ -320,7 +324,7 @@ class Gateway:
             if not isinstance(conn.link, FramedConnection) and conn.session is not None:
                 self._emit(conn, conn.session.kick(ErrorCode.SHUTDOWN, retry_after_ms=1000))
         if self.server is not None:
-            await self.server.close(kick=True)
+            await self.server.aclose(kick=True)
         if self.web is not None:
             await self.web.close()
         if self._sub is not None:
@@ -461,10 +465,10 @@ class Gateway:
                 if out.cumulative:  # the device holds conv through seq: its sync cursor
                     self.logic.note_cursor(session.uid, session.device, out.conv, out.seq)
             elif isinstance(out, SendRequested):
-                if not self._admit(conn):
+                hint = self._refusal(conn)
+                if hint:
                     # overloaded: refuse early and cheaply; the client resends after
                     # the hint (same cid, so nothing is stored twice)
-                    hint = self.shedder.retry_after_ms
                     self._emit(conn, session.fail_send(out.cid, ErrorCode.SERVER_BUSY,
                                                        retry_after_ms=hint))
                     continue
@@ -496,22 +500,24 @@ class Gateway:
                 self._emit(conn, [out])
         self.driver.rearm()
 
-    def _admit(self, conn: _Conn) -> bool:
-        """Whether to take a send of ``conn`` now (see :mod:`examples.overload`). O(1).
+    def _refusal(self, conn: _Conn) -> int:
+        """0: take a send of ``conn`` now; else refuse it with this retry hint (ms). O(1).
 
-        Once one of its sends is refused, the connection's next sends are refused
-        until the retry hint has passed, so that its resent cids are stored in the
-        order the client sent them.
+        See :mod:`examples.overload`. Once one of its sends is refused, the
+        connection's next sends are refused until its hint has passed (each with
+        what is left of it), so that its resent cids are stored in the order the
+        client sent them.
         """
         shedder = self.shedder
         now = self.driver.now_ms()
         if now < conn.busy_until_ms:
             shedder.shed += 1
-            return False
+            return conn.busy_until_ms - now
         if shedder.admit():
-            return True
-        conn.busy_until_ms = now + shedder.retry_after_ms
-        return False
+            return 0
+        hint = shedder.retry_hint_ms()
+        conn.busy_until_ms = now + hint
+        return hint
 
     def _emit(self, conn: _Conn, outputs: list[Output]) -> None:
         """Write frames; close on CloseConnection. (No logic calls: safe from timers.)"""

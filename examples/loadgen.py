@@ -82,7 +82,7 @@ from typing import Any
 
 import attrs
 
-from imkit.aio import Client, ClientStatus, Endpoint, fetch_endpoints, uvloop_available
+from imkit.aio import Client, ClientStatus, Endpoint, uvloop_available
 from imkit.errors import CapacityError, ConfigError, ConnectionClosed, ImkitError
 from imkit.protocol import Push
 from imkit.session import Kicked, SessionEvent
@@ -91,6 +91,7 @@ from imkit.store import direct_conv_id
 from . import command
 from .auth import Authenticator
 from .chat import fetch_token
+from .httpclient import endpoint_fetcher, fetch_endpoints
 from .measure import percentile, proc_cpu_s, proc_rss_kib, summary_ms
 
 __all__ = [
@@ -514,7 +515,8 @@ async def run_load(
         else:
             query = urllib.parse.urlencode({"uid": uid})
             clients.append(Client(token=token, device=device, on_event=on_event,
-                                  ipconf_url=f"{target.ipconf.rstrip('/')}/gateways?{query}"))
+                                  fetch_endpoints=endpoint_fetcher(
+                                      f"{target.ipconf.rstrip('/')}/gateways?{query}")))
 
     async def read(client: Client, uid: str) -> None:
         seen: set[bytes] = set()
@@ -638,7 +640,7 @@ async def run_load(
     finally:
         for task in readers:
             task.cancel()
-        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+        await asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
         await asyncio.gather(*readers, return_exceptions=True)
 
     # -- results ------------------------------------------------------------------------

@@ -94,8 +94,8 @@ from imkit.errors import (
 )
 from imkit.merger import (
     DEFAULT_MAX_INFLIGHT,
+    DEFAULT_MERGE_WINDOW_MS,
     DEFAULT_SIGNAL_WINDOW_MS,
-    DEFAULT_WINDOW_MS,
     MessageMerger,
     Release,
     ReleaseKind,
@@ -195,7 +195,7 @@ class LogicConfig:
     max_sync_pages: int = DEFAULT_MAX_SYNC_PAGES
     max_devices: int = DEFAULT_MAX_DEVICES
     fanout_timeout_ms: int = DEFAULT_FANOUT_TIMEOUT_MS
-    merge_window_ms: int = DEFAULT_WINDOW_MS
+    merge_window_ms: int = DEFAULT_MERGE_WINDOW_MS
     merge_inflight: int = DEFAULT_MAX_INFLIGHT
     signal_window_ms: int = DEFAULT_SIGNAL_WINDOW_MS
     max_sync_entries: int = DEFAULT_MAX_SYNC_ENTRIES

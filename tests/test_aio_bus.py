@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import warnings
 
 import pytest
 
@@ -10,7 +11,7 @@ from imkit.aio.bus import MemoryBus
 from imkit.aio.discovery import MemoryRegistry
 from imkit.bus import Bus, Envelope, Lagged, Overflow, PublishResult
 from imkit.discovery import GatewayInfo, Registry
-from imkit.errors import CapacityError
+from imkit.errors import CapacityError, StateError
 
 
 class TestMemoryBus:
@@ -91,11 +92,11 @@ class TestMemoryBus:
 
             task = asyncio.create_task(consume())
             await asyncio.sleep(0)
-            await bus.close()
+            await bus.aclose()
             await task
             assert sub.closed
             assert await bus.publish("gw", 1) == PublishResult(delivered=0, lagged=0)
-            with pytest.raises(RuntimeError):
+            with pytest.raises(StateError):
                 await bus.subscribe("gw")
             return got
 
@@ -108,8 +109,8 @@ class TestMemoryBus:
             bus: MemoryBus[int] = MemoryBus()
             sub = await bus.subscribe("gw")
             await bus.publish("gw", 1)
-            await sub.close()
-            await sub.close()
+            await sub.aclose()
+            await sub.aclose()
             assert sub.get_nowait() is None
             with pytest.raises(StopAsyncIteration):
                 await sub.next()
@@ -117,6 +118,24 @@ class TestMemoryBus:
             assert bus.fanout.subscribers("gw") == 0
 
         asyncio.run(main())
+
+
+    def test_close_is_a_deprecated_alias_of_aclose(self) -> None:
+        """MemoryBus.close() and MemorySubscription.close() still close, and warn (deprecated)."""
+
+        async def main() -> tuple[bool, bool, list[type[Warning]]]:
+            bus: MemoryBus[int] = MemoryBus()
+            sub = await bus.subscribe("gw")
+            other = await bus.subscribe("gw")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                await sub.close()
+                await bus.close()
+            return sub.closed, other.closed, [w.category for w in caught]
+
+        sub_closed, other_closed, caught = asyncio.run(main())
+        assert sub_closed and other_closed
+        assert caught == [DeprecationWarning, DeprecationWarning]
 
 
 class TestMemoryRegistry:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
@@ -19,8 +18,6 @@ from imkit.aio import (
     FramedConnection,
     Server,
     WheelDriver,
-    fetch_endpoints,
-    http_get_json,
     loop_ms,
     parse_endpoints,
     serve,
@@ -29,15 +26,14 @@ from imkit.aio import (
 from imkit.aio import run as aio_run
 from imkit.errors import (
     AuthError,
-    BackendError,
     ConfigError,
     ConnectionClosed,
-    HttpError,
     SendError,
 )
 from imkit.policy import Backoff, HeartbeatPolicy
 from imkit.protocol import ErrorCode, Ping, Push, Receipt, SyncPage
 from imkit.session import (
+    ClientConfig,
     CloseConnection,
     Output,
     ReceiptPosted,
@@ -111,7 +107,7 @@ class MiniGateway:
 
     async def close(self) -> None:
         if self.server is not None:
-            await self.server.close(kick=False)
+            await self.server.aclose(kick=False)
         self.driver.close()
 
     def drop_all(self) -> None:
@@ -211,7 +207,7 @@ def client(port: int | list[str], token: str = "alice", **kwargs: Any) -> Client
         token=token,
         device="phone",
         endpoints=endpoints,
-        session_kwargs=session_kwargs,
+        config=ClientConfig(**session_kwargs),
         **kwargs,
     )
 
@@ -379,13 +375,13 @@ class TestReconnect:
         assert connects == 1
 
     def test_close_fails_pending_sends_and_ends_messages(self, run: Runner) -> None:
-        """close() while a send waits raises ConnectionClosed in the sender."""
+        """aclose() while a send waits raises ConnectionClosed in the sender."""
 
         async def main() -> None:
             c = client(1)  # nothing listens on port 1: the send can only wait
             await c.start()
             _, fut = c.send_nowait("room", b"x")
-            await c.close()
+            await c.aclose()
             with pytest.raises(ConnectionClosed):
                 await fut
             assert [p async for p in c.messages()] == []
@@ -471,138 +467,6 @@ class TestRacing:
 
         refused, backoff = run(main())
         assert refused and backoff is not None
-
-
-async def http_server(
-    respond: Callable[[], bytes],
-) -> tuple[asyncio.Server, str]:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(respond())
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(handle, HOST, 0)
-    return server, f"http://{HOST}:{server.sockets[0].getsockname()[1]}/gateways?uid=alice"
-
-
-def http_response(body: bytes, *, status: str = "200 OK", chunked: bool = False) -> bytes:
-    if chunked:
-        half = len(body) // 2
-        parts = [body[:half], body[half:]]
-        data = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts if p) + b"0\r\n\r\n"
-        head = f"HTTP/1.1 {status}\r\nTransfer-Encoding: chunked\r\n\r\n"
-        return head.encode() + data
-    return f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
-
-
-class TestIpconf:
-    def test_client_gets_its_endpoints_from_ipconf(self, run: Runner) -> None:
-        """A client given only an ipconf URL fetches the list and logs in."""
-
-        async def main() -> Endpoint | None:
-            async with gateway() as (_gw, port):
-                body = json.dumps({"endpoints": [f"tcp://{HOST}:{port}"]}).encode()
-                server, url = await http_server(lambda: http_response(body, chunked=True))
-                try:
-                    c = Client(token="alice", device="d", ipconf_url=url)
-                    async with c:
-                        await c.wait_for(ClientStatus.ONLINE)
-                        return c.endpoint
-                finally:
-                    server.close()
-
-        assert run(main()) is not None
-
-    def test_http_errors_are_backend_errors(self, run: Runner) -> None:
-        """A non-2xx status, a body over the limit or bad JSON raise BackendError."""
-
-        async def main() -> None:
-            for response in (
-                http_response(b"[]", status="500 Oops"),
-                http_response(b"x" * 300_000),
-                http_response(b"{not json"),
-            ):
-                server, url = await http_server(lambda r=response: r)  # type: ignore[misc]
-                try:
-                    with pytest.raises(BackendError):
-                        await http_get_json(url)
-                finally:
-                    server.close()
-            server, url = await http_server(lambda: http_response(b'{"endpoints": []}'))
-            try:
-                with pytest.raises(BackendError):
-                    await fetch_endpoints(url)
-            finally:
-                server.close()
-            with pytest.raises(ConfigError):
-                await http_get_json("ftp://example.com/")
-
-        run(main())
-
-    def test_an_error_answer_carries_status_and_body(self, run: Runner) -> None:
-        """A 404 with a JSON error body raises HttpError with .status and the parsed .body."""
-        error = {"error": "unknown user 'bob'"}
-
-        async def main() -> list[tuple[int, Any, str]]:
-            got = []
-            for response, kwargs in (
-                (http_response(json.dumps(error).encode(), status="404 Not Found"), {}),
-                (http_response(json.dumps(error).encode(), status="403 No", chunked=True), {}),
-                (http_response(b"<html>oops</html>", status="500 Oops"), {}),  # not JSON
-                (http_response(b"", status="503 Busy"), {}),  # no body
-                (http_response(b"[" * 3000, status="400 Bad"), {}),  # nested too deep
-                (  # over max_error_body: the status, no body
-                    http_response(json.dumps(error).encode(), status="404 Not Found"),
-                    {"max_error_body": 10},
-                ),
-                (  # over max_error_body, chunked
-                    http_response(json.dumps(error).encode(), status="404 X", chunked=True),
-                    {"max_error_body": 10},
-                ),
-                (  # a peer's control characters never reach the message
-                    http_response(b'{"error": "a\\u001b[2Jb"}', status="409 Conflict"),
-                    {},
-                ),
-            ):
-                server, url = await http_server(lambda r=response: r)  # type: ignore[misc]
-                try:
-                    with pytest.raises(HttpError) as info:
-                        await http_get_json(url, **kwargs)
-                finally:
-                    server.close()
-                assert isinstance(info.value, BackendError)
-                assert info.value.url == url
-                got.append((info.value.status, info.value.body, str(info.value)))
-            return got
-
-        got = run(main())
-        assert [(status, body) for status, body, _ in got] == [
-            (404, error),
-            (403, error),
-            (500, None),
-            (503, None),
-            (400, None),
-            (404, None),
-            (404, None),
-            (409, {"error": "a\x1b[2Jb"}),
-        ]
-        assert got[0][2].endswith(": HTTP 404 (unknown user 'bob')")
-        assert got[2][2].endswith(": HTTP 500")
-        assert "\x1b" not in got[7][2] and got[7][2].endswith("(a?[2Jb)")
-
-    def test_a_deeply_nested_answer_is_a_backend_error(self, run: Runner) -> None:
-        """A 2xx body nested past the JSON parser's recursion limit is a BackendError."""
-
-        async def main() -> None:
-            server, url = await http_server(lambda: http_response(b"[" * 100_000))
-            try:
-                with pytest.raises(BackendError):
-                    await http_get_json(url)
-            finally:
-                server.close()
-
-        run(main())
 
 
 class TestEndpointParsing:

@@ -20,7 +20,7 @@ from examples.gateway import GatewayConfig
 from imkit.aio import Client, ClientStatus
 from imkit.policy import Backoff
 from imkit.protocol import ErrorCode
-from imkit.session import Kicked, ServerConfig, ServerError, SessionEvent
+from imkit.session import ClientConfig, Kicked, ServerConfig, ServerError, SessionEvent
 from imkit.store import direct_conv_id
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(90)]
@@ -39,19 +39,19 @@ def test_a_thousand_queued_messages_flush_without_a_kick_or_a_refusal() -> None:
             ClusterConfig(demo=True, web=False, gateway=GatewayConfig(server=server))
         )
         events: list[SessionEvent] = []
-        fast: dict[str, Any] = {"reconnect": Backoff(base_ms=10, cap_ms=50)}
+        fast = ClientConfig(reconnect=Backoff(base_ms=10, cap_ms=50))
         alice = Client(
             token=cluster.token("alice", "phone"),
             device="phone",
             endpoints=cluster.endpoints(),
-            session_kwargs=fast,
+            config=fast,
             on_event=events.append,
         )
         bob = Client(
             token=cluster.token("bob", "phone"),
             device="phone",
             endpoints=cluster.endpoints(),
-            session_kwargs=fast,
+            config=fast,
         )
         conv = direct_conv_id("alice", "bob")
         try:
@@ -86,8 +86,8 @@ def test_a_thousand_queued_messages_flush_without_a_kick_or_a_refusal() -> None:
                 "logins": alice.logins,
             }
         finally:
-            await alice.close()
-            await bob.close()
+            await alice.aclose()
+            await bob.aclose()
             await cluster.stop()
 
     result = asyncio.run(main())

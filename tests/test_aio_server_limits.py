@@ -242,10 +242,17 @@ class TestAddressKey:
 
 class TestConfig:
     def test_bad_limits_are_refused(self) -> None:
-        """Limits below 1 raise ConfigError."""
+        """Limits below 1, or not integers, raise ConfigError (never TypeError)."""
 
         async def main() -> None:
-            for kwargs in ({"max_pending_logins": 0}, {"max_per_address": 0}):
+            for kwargs in (
+                {"max_pending_logins": 0},
+                {"max_per_address": 0},
+                {"max_per_address": "2"},  # a TypeError before
+                {"max_connections": None},
+                {"busy_retry_after_ms": -1},
+                {"shutdown_retry_after_ms": "1"},
+            ):
                 with pytest.raises(ConfigError):
                     await login_server(**kwargs)
 

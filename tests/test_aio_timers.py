@@ -23,7 +23,7 @@ from imkit.aio import (
     uvloop_available,
 )
 from imkit.aio import run as aio_run
-from imkit.errors import ConfigError
+from imkit.errors import ConfigError, StateError
 from imkit.protocol import Connection, Login, Ping, Role
 from imkit.timingwheel import TimerHandle
 
@@ -405,6 +405,24 @@ class TestStalledLoop:
         fake.now += 5.0
         fake.run_until(fake.now)
         assert fired == ["x"] and driver.stalls == 0
+
+    def test_bad_keyword_types_are_config_errors(self) -> None:
+        """stall_ms, catch_up_ms, tick_ms of the wrong type raise ConfigError, not TypeError."""
+        loop = cast(asyncio.AbstractEventLoop, FakeLoop())
+        for kwargs in ({"stall_ms": "1"}, {"catch_up_ms": None}, {"stall_ms": 1.5}):
+            with pytest.raises(ConfigError):
+                WheelDriver(print, loop=loop, **kwargs)
+            with pytest.raises(ConfigError):
+                DeadlineTimer(lambda: None, print, loop=loop, **kwargs)
+
+    def test_no_running_loop_is_a_state_error(self) -> None:
+        """Without a running loop (and no loop=), the timers and loop_ms raise StateError."""
+        with pytest.raises(StateError):
+            WheelDriver(print)
+        with pytest.raises(StateError):
+            DeadlineTimer(lambda: None, print)
+        with pytest.raises(StateError):
+            loop_ms()
 
     @pytest.mark.parametrize("use_uvloop", LOOPS, ids=["asyncio", "uvloop"])
     def test_a_blocked_loop_does_not_cut_a_client_that_kept_pinging(self, use_uvloop: bool) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from imkit.aio import FramedConnection, Server, open_connection, serve, uvloop_available
 from imkit.aio import run as aio_run
-from imkit.errors import ConnectionClosed, LocalProtocolError
+from imkit.errors import ConfigError, ConnectionClosed, LocalProtocolError
 from imkit.protocol import (
     CLOSED,
     NEED_DATA,
@@ -248,6 +249,37 @@ class TestClosing:
 
         assert run(main())
 
+    def test_aclose_sends_the_last_frame_and_waits_until_the_transport_is_gone(
+        self, run: Runner
+    ) -> None:
+        """FramedConnection.aclose(kick) closes like close(kick) and returns once closed."""
+
+        async def main() -> tuple[bool, bool, Message, int]:
+            accepted: asyncio.Future[FramedConnection] = (
+                asyncio.get_running_loop().create_future()
+            )
+
+            async def handler(conn: FramedConnection) -> None:
+                accepted.set_result(conn)
+                async for _ in conn:
+                    pass
+
+            async with await serve(handler, HOST, 0) as server:
+                client = await open_connection(HOST, server.port)
+                kick = Kick(code=ErrorCode.REPLACED, reason="bye")
+                server_side = await asyncio.wait_for(accepted, GUARD_S)
+                await asyncio.wait_for(server_side.aclose(kick), GUARD_S)
+                gone = server_side.transport is None or server_side.transport.is_closing()
+                told = await client.recv()
+                await client.aclose()
+                await client.aclose()  # idempotent
+                return gone, client.closed, told, server_side.close_code
+
+        gone, closed, told, code = run(main())
+        assert gone and closed
+        assert told == Kick(code=ErrorCode.REPLACED, reason="bye")
+        assert code == ErrorCode.REPLACED
+
 
 class TestDeadlinesAndBadInput:
     def test_garbage_gets_an_error_frame_and_a_close(self, run: Runner) -> None:
@@ -356,17 +388,34 @@ class TestServer:
         ]
 
     def test_close_kicks_every_client_with_shutdown(self, run: Runner) -> None:
-        """Server.close sends Kick(SHUTDOWN, retry hint) to each client and waits."""
+        """Server.aclose sends Kick(SHUTDOWN, retry hint) to each client and waits."""
 
         async def main() -> Message:
             server = await pong_server(shutdown_retry_after_ms=777)
             client = await open_connection(HOST, server.port)
             client.send(Ping(nonce=1))
             assert await client.recv() == Pong(nonce=1)
-            await server.close()
+            await server.aclose()
             return await client.recv()
 
         assert run(main()) == Kick(code=ErrorCode.SHUTDOWN, reason="shutdown", retry_after_ms=777)
+
+    def test_close_is_a_deprecated_alias_of_aclose(self, run: Runner) -> None:
+        """Server.close() still closes (kick included) and warns DeprecationWarning."""
+
+        async def main() -> tuple[Message, list[type[Warning]]]:
+            server = await pong_server(shutdown_retry_after_ms=5)
+            client = await open_connection(HOST, server.port)
+            client.send(Ping(nonce=1))
+            assert await client.recv() == Pong(nonce=1)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                await server.close(kick=True)
+            return await client.recv(), [w.category for w in caught]
+
+        told, caught = run(main())
+        assert told == Kick(code=ErrorCode.SHUTDOWN, reason="shutdown", retry_after_ms=5)
+        assert caught == [DeprecationWarning]
 
     def test_a_failing_handler_leaks_no_detail(self, run: Runner) -> None:
         """A handler exception is answered with Error(INTERNAL, fixed reason)."""
@@ -494,6 +543,21 @@ def written_messages(transport: FakeTransport) -> list[Message]:
 
 
 PUSHES = tuple(Push(conv="g", seq=i, sender="u", body=b"hi %d" % i) for i in range(1, 4))
+
+
+class TestConfig:
+    def test_bad_keyword_types_are_config_errors(self) -> None:
+        """A limit of the wrong type (or None where None is not allowed) raises ConfigError."""
+        for kwargs in (
+            {"max_pending": "8"},
+            {"max_write_buffer": None},
+            {"write_high_water": 1.5},
+            {"frame_timeout_ms": "1"},
+            {"close_timeout_ms": None},
+            {"max_frame_size": "big"},
+        ):
+            with pytest.raises(ConfigError):
+                FramedConnection(Role.CLIENT, **kwargs)
 
 
 class TestCloseCode:

@@ -14,7 +14,7 @@ from hypothesis.stateful import (
 )
 
 from imkit.dedup import (
-    DEFAULT_MAX_PENDING,
+    DEFAULT_MAX_PENDING_SEQS,
     DEFAULT_SIZE,
     MAX_CID,
     MAX_SEQ,
@@ -454,7 +454,7 @@ class TestSeqWindowBasics:
     def test_defaults_and_repr(self) -> None:
         """Default limit and repr."""
         w: SeqWindow[int] = SeqWindow()
-        assert w.max_pending == DEFAULT_MAX_PENDING
+        assert w.max_pending == DEFAULT_MAX_PENDING_SEQS
         assert repr(w) == "SeqWindow(contiguous=0, pending=0, highest_seen=0)"
 
     def test_max_seq(self) -> None:

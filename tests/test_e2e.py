@@ -18,10 +18,11 @@ from typing import Any, TypeVar
 import pytest
 from examples.cluster import Cluster, ClusterConfig, seed_demo, start_cluster
 from examples.gateway import GatewayConfig
+from examples.httpclient import endpoint_fetcher, fetch_json
 from examples.logic import LogicConfig
 from examples.probe import RawClient
 
-from imkit.aio import Client, ClientStatus, http_get_json
+from imkit.aio import Client, ClientStatus
 from imkit.policy import Backoff
 from imkit.protocol import (
     ErrorCode,
@@ -36,6 +37,7 @@ from imkit.protocol import (
     SyncResponse,
 )
 from imkit.session import (
+    ClientConfig,
     LoggedIn,
     ReceiptReceived,
     ServerConfig,
@@ -93,8 +95,10 @@ def make_client(
         token=cluster.token(uid, device),
         device=device,
         endpoints=() if ipconf else (endpoints or cluster.endpoints()),
-        ipconf_url=f"{cluster.ipconf_url}/gateways?uid={uid}" if ipconf else None,
-        session_kwargs=FAST_CLIENT,
+        fetch_endpoints=(
+            endpoint_fetcher(f"{cluster.ipconf_url}/gateways?uid={uid}") if ipconf else None
+        ),
+        config=ClientConfig(**FAST_CLIENT),
         on_event=on_event,
     )
 
@@ -182,8 +186,8 @@ class TestOneToOne:
                 seqs.append(await alice.send(conv, b"how are you?"))
                 at_bob = [p.body for p in await take(bob, 3, conv)]
                 at_alice = [p.body for p in await take(alice, 3, conv)]
-                await alice.close()
-                await bob.close()
+                await alice.aclose()
+                await bob.aclose()
                 return at_bob, at_alice, seqs
 
         at_bob, at_alice, seqs = run(main)
@@ -197,7 +201,7 @@ class TestOneToOne:
 
         async def main() -> tuple[Any, str]:
             async with running(config(gateways=3)) as cluster:
-                doc = await http_get_json(f"{cluster.ipconf_url}/gateways?uid=alice")
+                doc = await fetch_json(f"{cluster.ipconf_url}/gateways?uid=alice")
                 assert cluster.ipconf is not None
                 home = (await cluster.ipconf.rank("alice"))[0].id
                 return doc, home
@@ -247,8 +251,8 @@ class TestReceipts:
                 bob.mark_read(conv, 2)
                 await wait_until(lambda: bool(receipts))
                 cursor = cluster.store.get_read("bob", conv)
-                await alice.close()
-                await bob.close()
+                await alice.aclose()
+                await bob.aclose()
                 return receipts, cursor
 
         receipts, cursor = run(main)
@@ -280,7 +284,7 @@ class TestDeviceCursors:
                 raw.send(SyncRequest(req_id=1))  # the inbox: from this device's cursors
                 answer = await raw.expect(SyncResponse)
                 raw.close()
-                await alice.close()
+                await alice.aclose()
                 return [m.seq for page in answer.pages if page.conv == conv for m in page.messages]
 
         assert run(main) == [2, 3]
@@ -321,7 +325,7 @@ class TestBigGroup:
                     for uid, pushes, end in zip(clients, results, ends, strict=True)
                 }
                 for c in clients.values():
-                    await c.close()
+                    await c.aclose()
                 return got, cluster.logic.stats.as_dict()
 
         got, stats = run(main, timeout_s=90)
@@ -366,7 +370,7 @@ class TestFanoutTiers:
                 }
                 inbox = len(cluster.store.inbox_read("erin", 0, 1000).entries)
                 for c in clients.values():
-                    await c.close()
+                    await c.aclose()
                 return got, cluster.logic.stats.as_dict(), inbox
 
         got, stats, inbox = run(main)
@@ -417,8 +421,8 @@ class TestReconnect:
                 await alice.send(conv, b"after")
                 rest += await take(bob, 1, conv)
                 connects = bob.connects
-                await alice.close()
-                await bob.close()
+                await alice.aclose()
+                await bob.aclose()
                 await proxy.close()
                 return [p.body for p in first + rest], logins, connects
 
@@ -461,7 +465,7 @@ class TestIdempotentSend:
                 raw.close()
                 bodies = [p.body for p in await take(bob, 2, conv)]
                 stored = len(cluster.store.read(conv, 0, 100).messages)
-                await bob.close()
+                await bob.aclose()
                 return seqs, stored, bodies, cluster.logic.stats.duplicates
 
         seqs, stored, bodies, duplicates = run(main)
@@ -508,7 +512,7 @@ class TestPersistence:
                 alice = make_client(cluster, "alice")
                 await online(alice)
                 seq = await alice.send(conv, b"kept")
-                await alice.close()
+                await alice.aclose()
                 return seq
 
         async def second() -> list[bytes]:
@@ -516,7 +520,7 @@ class TestPersistence:
                 bob = make_client(cluster, "bob")
                 await online(bob)
                 got = await take(bob, 1, conv)
-                await bob.close()
+                await bob.aclose()
                 return [p.body for p in got]
 
         assert run(first) == 1

@@ -64,7 +64,7 @@ class TestHeartbeat:
                 await wait_until(lambda: cluster.routes.get("alice", "silent") is None)
                 bob_online = bool(cluster.routes.lookup("bob"))
                 still = alive.state.value == "online"
-                await alive.close()
+                await alive.aclose()
                 return kick.code, parked, bob_online, still, cluster.routes.expired
 
         code, parked, bob_online, still, expired = run(main)
@@ -113,7 +113,7 @@ class TestSlowReader:
                 bob_online = bool(cluster.routes.lookup("bob"))
                 slow.abort()
                 for c in (sender, *readers):
-                    await c.close()
+                    await c.aclose()
                 return got, int(kicked), latencies, bob_online
 
         got, kicked, latencies, bob_online = run(main)
@@ -153,7 +153,7 @@ class TestReplaced:
                 await alice.send("team", b"to the new connection")
                 got = await take(second, 1, "team")
                 for c in (first, second, alice):
-                    await c.close()
+                    await c.aclose()
                 return kicks, on_gw2, [p.body for p in got]
 
         kicks, on_gw2, got = run(main)
@@ -199,8 +199,8 @@ class TestBusLag:
                 await asyncio.gather(*sent)
                 got = await take(bob, 100, "team")
                 lagged = cluster.gateways[0].lagged
-                await alice.close()
-                await bob.close()
+                await alice.aclose()
+                await bob.aclose()
                 return [p.body for p in got], lagged
 
         bodies, lagged = run(main)
@@ -227,7 +227,7 @@ class TestLoadReports:
                         await asyncio.sleep(0.02)
                 result = await reported()
                 for c in clients:
-                    await c.close()
+                    await c.aclose()
                 return result
 
         assert run(main) == {"gw-1": 2, "gw-2": 0}
@@ -282,7 +282,7 @@ class TestGatewayKilled:
                     r.gateway == "gw-3" for u in ("carol", "erin") for r in cluster.routes.lookup(u)
                 ) and bool(cluster.routes.lookup("carol"))
                 for c in (alice, *others, *victims):
-                    await c.close()
+                    await c.aclose()
                 unrouted = cluster.logic.stats.unrouted
                 return got, dropped, unrouted, cluster.gateways_lost, still_bound
 
@@ -346,7 +346,7 @@ class TestGatewayKilled:
                 )
                 lost = cluster.gateways_lost
                 for c in (alice, *others, *victims):
-                    await c.close()
+                    await c.aclose()
                 return got, lost, alive, left, cluster.routes.expired, len(held)
 
         got, lost, alive, left, expired, kills = run(main, timeout_s=45)
@@ -377,7 +377,7 @@ class TestGatewayKilled:
                 await alice.send("team", b"after")
                 got = await take(bob, 1, "team")
                 for c in (alice, bob):
-                    await c.close()
+                    await c.aclose()
                 return [p.body for p in got], cluster.gateways_lost, parked
 
         got, lost, parked = run(main)

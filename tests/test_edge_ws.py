@@ -136,7 +136,7 @@ class TestStalledWebSocketIsReleased:
                 await online(phone)
                 released = await _until(lambda: gateway.connections == 1, RELEASE_BOUND_S)
                 after = gateway.connections
-                await phone.close()
+                await phone.aclose()
                 ws.close()
                 return before, released, after
 

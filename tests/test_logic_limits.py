@@ -29,7 +29,7 @@ from imkit.protocol import (
     SyncResponse,
 )
 from imkit.routetable import Route
-from imkit.session import ServerConfig
+from imkit.session import ClientConfig, ServerConfig
 from imkit.store import MemoryStore, MessageStore, SqliteStore, direct_conv_id
 
 T = TypeVar("T")
@@ -246,13 +246,13 @@ class TestSyncFlood:
                     token=cluster.token("alice", "phone"),
                     device="phone",
                     endpoints=cluster.endpoints(),
-                    session_kwargs=FAST_CLIENT,
+                    config=ClientConfig(**FAST_CLIENT),
                 )
                 bob = Client(
                     token=cluster.token("bob", "phone"),
                     device="phone",
                     endpoints=cluster.endpoints(),
-                    session_kwargs=FAST_CLIENT,
+                    config=ClientConfig(**FAST_CLIENT),
                 )
                 await alice.start()
                 await bob.start()
@@ -302,8 +302,8 @@ class TestSyncFlood:
                 receiver.cancel()
                 drainer.cancel()
                 raw.abort()
-                await alice.close()
-                await bob.close()
+                await alice.aclose()
+                await bob.aclose()
                 return frames, calls, elapsed, latencies
             finally:
                 await cluster.stop()
@@ -368,7 +368,7 @@ class TestCursorsAfterRestart:
                     token=cluster.token("alice", "phone"),
                     device="phone",
                     endpoints=cluster.endpoints(),
-                    session_kwargs=FAST_CLIENT,
+                    config=ClientConfig(**FAST_CLIENT),
                 )
                 await alice.start()
                 raw = await RawClient.connect(*_host_port(cluster))
@@ -385,7 +385,7 @@ class TestCursorsAfterRestart:
                 raw.send(SyncRequest(req_id=1))  # a round trip: the ack was handled
                 await raw.expect(SyncResponse)
                 raw.close()
-                await alice.close()
+                await alice.aclose()
             finally:
                 await cluster.stop()
 
@@ -396,7 +396,7 @@ class TestCursorsAfterRestart:
                     token=cluster.token("alice", "phone"),
                     device="phone",
                     endpoints=cluster.endpoints(),
-                    session_kwargs=FAST_CLIENT,
+                    config=ClientConfig(**FAST_CLIENT),
                 )
                 await alice.start()
                 await alice.send(conv, b"four")  # new since the restart
@@ -405,7 +405,7 @@ class TestCursorsAfterRestart:
                 raw.send(SyncRequest(req_id=1))  # the inbox sync of a reconnect
                 answer = await raw.expect(SyncResponse)
                 raw.close()
-                await alice.close()
+                await alice.aclose()
                 return [(p.conv, [m.seq for m in p.messages]) for p in answer.pages]
             finally:
                 await cluster.stop()

@@ -21,7 +21,7 @@ from examples.overload import LoadShedder
 from imkit.aio import Client, ClientStatus
 from imkit.errors import ConfigError
 from imkit.policy import Backoff
-from imkit.session import Kicked, SendFailed, ServerConfig, SessionEvent
+from imkit.session import ClientConfig, Kicked, SendFailed, ServerConfig, SessionEvent
 from imkit.store import direct_conv_id
 
 pytestmark = [pytest.mark.timeout(60)]
@@ -107,10 +107,10 @@ def test_an_overloaded_gateway_refuses_sends_and_the_client_resends_them_in_orde
         events: list[SessionEvent] = []
         fast: dict[str, Any] = {"reconnect": Backoff(base_ms=10, cap_ms=50)}
         alice = Client(token=cluster.token("alice", "phone"), device="phone",
-                       endpoints=cluster.endpoints(), session_kwargs=fast,
+                       endpoints=cluster.endpoints(), config=ClientConfig(**fast),
                        on_event=events.append)
         bob = Client(token=cluster.token("bob", "phone"), device="phone",
-                     endpoints=cluster.endpoints(), session_kwargs=fast)
+                     endpoints=cluster.endpoints(), config=ClientConfig(**fast))
         conv = direct_conv_id("alice", "bob")
         try:
             await bob.start()
@@ -143,8 +143,8 @@ def test_an_overloaded_gateway_refuses_sends_and_the_client_resends_them_in_orde
                 "failed": [e for e in events if isinstance(e, SendFailed)],
             }
         finally:
-            await alice.close()
-            await bob.close()
+            await alice.aclose()
+            await bob.aclose()
             await cluster.stop()
 
     r = asyncio.run(main())

@@ -317,3 +317,66 @@ class TestTokenBucket:
         """Zero rate or burst is refused."""
         with pytest.raises(ConfigError):
             TokenBucket(now_ms=0, **kwargs)
+
+
+class TestConfigValues:
+    """Backoff, ExponentialBackoff and HeartbeatPolicy are attrs values (issue 9)."""
+
+    def test_equal_by_value_with_repr_and_hash(self) -> None:
+        """Two policies with the same fields are equal, hash alike and repr their fields."""
+        assert Backoff(base_ms=1, cap_ms=2) == Backoff(base_ms=1, cap_ms=2)
+        assert Backoff(base_ms=1, cap_ms=2) != Backoff(base_ms=1, cap_ms=3)
+        assert ExponentialBackoff(base_ms=1, cap_ms=2) == ExponentialBackoff(base_ms=1, cap_ms=2)
+        assert HeartbeatPolicy(interval_ms=5) == HeartbeatPolicy(interval_ms=5)
+        assert len({HeartbeatPolicy(), HeartbeatPolicy()}) == 1
+        want = "Backoff(base_ms=1, cap_ms=2, max_attempts=None)"
+        assert repr(Backoff(base_ms=1, cap_ms=2)) == want
+        assert "missed=3" in repr(HeartbeatPolicy())
+
+    def test_frozen(self) -> None:
+        """A policy cannot be changed after it is built (it is shared by many sessions)."""
+        import attrs
+
+        b = Backoff(base_ms=1, cap_ms=2)
+        with pytest.raises(attrs.exceptions.FrozenInstanceError):
+            b.base_ms = 5  # type: ignore[misc]
+
+    @pytest.mark.parametrize(
+        ("cls", "kwargs", "field"),
+        [
+            (Backoff, {"base_ms": "5", "cap_ms": 10}, "base_ms"),
+            (Backoff, {"base_ms": 5, "cap_ms": 10.0}, "cap_ms"),
+            (Backoff, {"base_ms": 5, "cap_ms": 10, "max_attempts": True}, "max_attempts"),
+            (Backoff, {"base_ms": 10, "cap_ms": 5}, "cap_ms"),
+            (ExponentialBackoff, {"base_ms": 5, "cap_ms": 10, "factor": 1.5}, "factor"),
+            (ExponentialBackoff, {"base_ms": 0, "cap_ms": 10}, "base_ms"),
+            (HeartbeatPolicy, {"interval_ms": None}, "interval_ms"),
+            (HeartbeatPolicy, {"missed": "3"}, "missed"),
+            (HeartbeatPolicy, {"jitter": "0.1"}, "jitter"),
+            (HeartbeatPolicy, {"jitter": float("nan")}, "jitter"),
+        ],
+    )
+    def test_bad_field_names_it(self, cls: type, kwargs: dict[str, object], field: str) -> None:
+        """A wrong type or range raises ConfigError naming the field."""
+        with pytest.raises(ConfigError, match=field):
+            cls(**kwargs)
+
+    @pytest.mark.parametrize(
+        ("kwargs", "field"),
+        [
+            ({"rate_per_s": 1.5, "burst": 1, "now_ms": 0}, "rate_per_s"),
+            ({"rate_per_s": 1, "burst": "2", "now_ms": 0}, "burst"),
+            ({"rate_per_s": 1, "burst": 2, "now_ms": 0.5}, "now_ms"),
+        ],
+    )
+    def test_token_bucket_arguments(self, kwargs: dict[str, object], field: str) -> None:
+        """TokenBucket's wrong-typed arguments raise ConfigError naming the argument."""
+        with pytest.raises(ConfigError, match=field):
+            TokenBucket(**kwargs)  # type: ignore[arg-type]
+
+    def test_heartbeat_tracker_arguments(self) -> None:
+        """HeartbeatTracker refuses a policy that is not a HeartbeatPolicy, naming it."""
+        with pytest.raises(ConfigError, match="policy"):
+            HeartbeatTracker(30_000, now_ms=0)  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="now_ms"):
+            HeartbeatTracker(HeartbeatPolicy(), now_ms="0")  # type: ignore[arg-type]

@@ -38,6 +38,7 @@ from imkit.protocol import (
 from imkit.session import (
     CLIENT_TRANSITIONS,
     SERVER_TRANSITIONS,
+    ClientConfig,
     ClientSession,
     ClientState,
     ClientTrigger,
@@ -277,7 +278,7 @@ class TestServerUpstream:
         s = Server()
         s.login()
         s.recv(Send(cid=5, conv="c", body=b"hi"))
-        ack = s.session.ack_send(5, 17, msg_id=3, server_ms=4)
+        ack = s.session.ack_send(5, 17, msg_id=3, wall_ms=4)
         assert ack == [SendAck(cid=5, conv="c", seq=17, msg_id=3, server_ms=4)]
         assert s.recv(Send(cid=5, conv="c", body=b"hi")) == ack
         assert s.session.stats.duplicate_sends == 1
@@ -712,9 +713,13 @@ class Client:
 
     def __init__(self, **kwargs: Any) -> None:
         self.now = 0
-        kwargs.setdefault("first_cid", 100)
-        kwargs.setdefault("rng", random.Random(0))
-        self.c = ClientSession(token="tok-alice", device="phone", now_ms=0, **kwargs)
+        # the session's own keywords; every other one is a ClientConfig field
+        own = {k: kwargs.pop(k) for k in ("first_cid", "rng", "cursor_loader") if k in kwargs}
+        own.setdefault("first_cid", 100)
+        own.setdefault("rng", random.Random(0))
+        self.c = ClientSession(
+            token="tok-alice", device="phone", now_ms=0, config=ClientConfig(**kwargs), **own
+        )
 
     def connect(self, heartbeat_ms: int = 30_000) -> list[Output]:
         out = self.c.connection_made(self.now)
@@ -1168,7 +1173,7 @@ class TestWindowEviction:
 class TestRetryHints:
     def test_a_huge_retry_after_is_clamped(self) -> None:
         """A server hint of 2**63 - 1 ms neither crashes the client nor parks it for ever."""
-        from imkit.session._client import MAX_RETRY_HINT_MS
+        from imkit.session._common import MAX_RETRY_HINT_MS
 
         c = Client()
         c.connect()
@@ -1205,28 +1210,27 @@ class TestClientFuzz:
 
 class TestPairedDefaults:
     def test_client_defaults_stay_inside_the_servers(self) -> None:
-        """Client in-flight, cid span and pace stay inside the server's quotas (one module)."""
-        from imkit.session import (
-            DEFAULT_ACK_CACHE,
-            DEFAULT_CID_WINDOW,
-            DEFAULT_FRAME_BURST,
-            DEFAULT_MAX_CID_SPAN,
-            DEFAULT_MAX_FRAMES_PER_S,
-            DEFAULT_MAX_IN_FLIGHT,
-            DEFAULT_MAX_SENDS_IN_FLIGHT,
-            pace_limits,
-        )
+        """ClientConfig()'s in-flight, cid span and pace stay inside ServerConfig()'s quotas."""
+        from imkit.session import pace_limits
 
-        cfg = ServerConfig()
-        assert DEFAULT_MAX_IN_FLIGHT <= DEFAULT_MAX_SENDS_IN_FLIGHT == cfg.max_sends_in_flight
-        assert DEFAULT_MAX_IN_FLIGHT <= DEFAULT_ACK_CACHE == cfg.ack_cache
-        assert 2 * DEFAULT_MAX_CID_SPAN <= DEFAULT_CID_WINDOW == cfg.cid_window
-        rate, burst = pace_limits(DEFAULT_MAX_FRAMES_PER_S, DEFAULT_FRAME_BURST)
-        assert rate < cfg.max_frames_per_s == DEFAULT_MAX_FRAMES_PER_S
-        assert burst < cfg.frame_burst == DEFAULT_FRAME_BURST
-        c = ClientSession(token="t", device="d", now_ms=0)
-        assert c._max_in_flight == DEFAULT_MAX_IN_FLIGHT
-        assert c._max_cid_span == DEFAULT_MAX_CID_SPAN
+        server, client = ServerConfig(), ClientConfig()
+        assert client.max_in_flight <= server.max_sends_in_flight
+        assert client.max_in_flight <= server.ack_cache
+        assert 2 * client.max_cid_span <= server.cid_window
+        rate, burst = pace_limits(
+            server.max_frames_per_s,
+            server.frame_burst,
+            rate_percent=client.pace_rate_percent,
+            burst_percent=client.pace_burst_percent,
+        )
+        assert rate < server.max_frames_per_s
+        assert burst < server.frame_burst
+        # the client's back-off before a LoginAck is the one servers announce by default
+        assert (client.reconnect.base_ms, client.reconnect.cap_ms) == (
+            server.reconnect_min_ms, server.reconnect_max_ms,
+        )
+        c = ClientSession(token="t", device="d", now_ms=0, first_cid=1)
+        assert c.config == client
 
 
 class TestVersionNegotiation:
@@ -1296,9 +1300,9 @@ class TestVersionNegotiation:
         c.recv(LoginAck(uid="alice", session="s", version=2, max_frames_per_s=100,
                         frame_burst=60, max_sends_in_flight=5))
         assert c.c.version == 2
-        assert c.c._flight_cap == 5
-        assert c.c._pacer is not None
-        assert (c.c._pacer.rate_per_s, c.c._pacer.burst) == (80, 30)
+        assert c.c._outbox.flight_cap == 5
+        assert c.c._outbox.pacer is not None
+        assert (c.c._outbox.pacer.rate_per_s, c.c._outbox.pacer.burst) == (80, 30)
 
 
 def encode_v1_login_bytes(login: Login) -> bool:
@@ -1389,3 +1393,164 @@ class TestPacing:
         cid, _ = c.send("c")
         assert c.recv(SendAck(cid=cid, conv="d", seq=9)) == []
         assert c.c.stats.unknown_acks == 1 and c.c.in_flight == 1
+
+
+# --- configs as attrs values, exports, clocks (issue 9 "One config style") -------------
+
+
+class TestConfigs:
+    def test_config_doctests(self) -> None:
+        """The examples in ClientConfig's and pace_limits' docstrings hold."""
+        from imkit.session import _config, _limits
+
+        for mod in (_config, _limits):
+            r = doctest.testmod(mod)
+            assert r.failed == 0 and r.attempted > 0
+
+    def test_client_config_is_a_value(self) -> None:
+        """ClientConfig compares by fields, has a field repr and cannot be changed."""
+        import attrs
+
+        assert ClientConfig(max_in_flight=8) == ClientConfig(max_in_flight=8)
+        assert ClientConfig(max_in_flight=8) != ClientConfig()
+        assert "max_in_flight=8" in repr(ClientConfig(max_in_flight=8))
+        with pytest.raises(attrs.exceptions.FrozenInstanceError):
+            ClientConfig().max_queued = 1  # type: ignore[misc]
+
+    @pytest.mark.parametrize(
+        ("kwargs", "field"),
+        [
+            ({"max_in_flight": "8"}, "max_in_flight"),
+            ({"max_queued": 0}, "max_queued"),
+            ({"max_queued": True}, "max_queued"),
+            ({"gap_delay_ms": -1}, "gap_delay_ms"),
+            ({"gap_delay_ms": 1.5}, "gap_delay_ms"),
+            ({"max_in_flight": 8, "max_cid_span": 4}, "max_cid_span"),
+            ({"pace_rate_percent": 101}, "pace_rate_percent"),
+            ({"pace_burst_percent": 0}, "pace_burst_percent"),
+            ({"max_version": 3}, "max_version"),
+            ({"heartbeat": 30_000}, "heartbeat"),
+            ({"send_retry": None}, "send_retry"),
+            ({"reconnect": ExponentialBackoff(base_ms=1, cap_ms=2)}, "reconnect"),
+            ({"ack_delay_ms": None}, "ack_delay_ms"),
+            ({"version_fallback_ms": -5}, "version_fallback_ms"),
+        ],
+    )
+    def test_client_config_names_the_bad_field(self, kwargs: dict[str, Any], field: str) -> None:
+        """A wrong type or range in ClientConfig raises ConfigError naming the field."""
+        with pytest.raises(ConfigError, match=field):
+            ClientConfig(**kwargs)
+
+    @pytest.mark.parametrize(
+        ("kwargs", "field"),
+        [
+            ({"cid_window": "256"}, "cid_window"),
+            ({"ack_cache": 0}, "ack_cache"),
+            ({"heartbeat": None}, "heartbeat"),
+            ({"push_retry": 3_000}, "push_retry"),
+            ({"quota_retry_ms": -1}, "quota_retry_ms"),
+            ({"reconnect_min_ms": 10, "reconnect_max_ms": 5}, "reconnect_max_ms"),
+            ({"min_version": 2, "max_version": 1}, "max_version"),
+            ({"kick_unresponsive": "no"}, "kick_unresponsive"),
+            ({"max_frames_per_s": 2.5}, "max_frames_per_s"),
+        ],
+    )
+    def test_server_config_names_the_bad_field(self, kwargs: dict[str, Any], field: str) -> None:
+        """A wrong type or range in ServerConfig raises ConfigError naming the field."""
+        with pytest.raises(ConfigError, match=field):
+            ServerConfig(**kwargs)
+
+    def test_server_config_derived_values(self) -> None:
+        """ServerConfig still derives the first push retry and the give-up span."""
+        cfg = ServerConfig(push_retry=ExponentialBackoff(base_ms=10, cap_ms=40, max_attempts=2))
+        assert (cfg.first_push_retry_ms, cfg.push_give_up_ms) == (10, 10 + 20 + 40)
+        assert cfg == ServerConfig(
+            push_retry=ExponentialBackoff(base_ms=10, cap_ms=40, max_attempts=2)
+        )
+
+    def test_the_session_runs_with_its_config(self) -> None:
+        """ClientSession(config=...) keeps the config and applies its limits."""
+        cfg = ClientConfig(max_in_flight=2, max_cid_span=2, max_queued=3)
+        c = ClientSession(token="t", device="d", now_ms=0, first_cid=1, config=cfg)
+        assert c.config is cfg
+        c.connection_made(0)
+        for _ in range(5):
+            c.send("c", b"x", 0)
+        assert (c.in_flight, c.queued) == (2, 3)
+        with pytest.raises(CapacityError):
+            c.send("c", b"x", 0)
+        c._check()
+
+    def test_session_arguments_name_the_bad_one(self) -> None:
+        """A config that is not a ClientConfig, or a bad first_cid, raises ConfigError naming it."""
+        with pytest.raises(ConfigError, match="config"):
+            ClientSession(token="t", device="d", now_ms=0, first_cid=1,
+                          config={"max_in_flight": 2})  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="first_cid"):
+            ClientSession(token="t", device="d", now_ms=0, first_cid=0)
+
+    def test_first_cid_does_not_come_from_the_monotonic_clock(self) -> None:
+        """now_ms is monotonic, so cids are never seeded from it: first_cid is required."""
+        with pytest.raises(TypeError, match="first_cid"):
+            ClientSession(token="t", device="d", now_ms=1_700_000_000_000)  # type: ignore[call-arg]
+
+    def test_client_ms_is_the_wall_clock_given(self) -> None:
+        """Send.client_ms carries send(wall_ms=), never the monotonic now_ms."""
+        c = ClientSession(token="t", device="d", now_ms=5, first_cid=1)
+        c.connection_made(5)
+        _, out = c.send("c", b"x", 7, wall_ms=1_700_000_000_000)
+        _, out2 = c.send("c", b"y", 8)
+        assert [m.client_ms for m in only(out + out2, Send)] == [1_700_000_000_000, 0]
+
+
+class TestExports:
+    def test_every_event_is_exported(self) -> None:
+        """Every SessionEvent subclass and every name of __all__ is importable from the package."""
+        import imkit.session as pkg
+        from imkit.session import _events
+
+        def subclasses(cls: type) -> set[type]:
+            found: set[type] = set(cls.__subclasses__())
+            for sub in list(found):
+                found |= subclasses(sub)
+            return found
+
+        events = {c.__name__ for c in subclasses(SessionEvent) if c.__module__ == _events.__name__}
+        assert events, "no events found"
+        assert events | {"SessionEvent", "Output"} <= set(pkg.__all__)
+        assert set(_events.__all__) <= set(pkg.__all__)
+        for name in pkg.__all__:
+            assert getattr(pkg, name) is not None, name
+        assert {"ClientConfig", "ServerConfig", "ClientStats", "ServerStats"} <= set(pkg.__all__)
+
+    def test_every_default_of_a_part_is_exported(self) -> None:
+        """The DEFAULT_* constants of every session module are in the package's __all__."""
+        import imkit.session as pkg
+        from imkit.session import _config, _limits, _server
+
+        for mod in (_config, _limits, _server):
+            defaults = {n for n in vars(mod) if n.startswith("DEFAULT_")}
+            assert defaults <= set(pkg.__all__), (mod.__name__, defaults - set(pkg.__all__))
+
+
+class TestClientCheck:
+    @pytest.mark.parametrize(
+        ("corrupt", "part"),
+        [
+            (lambda c: setattr(c._outbox, "flight_cap", 0), "Outbox"),
+            (lambda c: c._outbox.queue.appendleft(Send(cid=1, conv="c", body=b"")), "Outbox"),
+            (lambda c: setattr(c._convs, "_live", False), "Conversations"),
+            (lambda c: c._convs._cursors.__setitem__("c", 1), "Conversations"),
+            (lambda c: setattr(c, "version", 3), "version"),
+        ],
+    )
+    def test_check_sees_each_part(self, corrupt: Any, part: str) -> None:
+        """ClientSession._check() still checks the outbox's and the conversations' invariants."""
+        c = Client()
+        c.connect()
+        c.c.send("c", b"x", c.now)
+        c.recv(push("c", 1))
+        c.c._check()
+        corrupt(c.c)
+        with pytest.raises(AssertionError, match=part):
+            c.c._check()

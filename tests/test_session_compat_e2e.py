@@ -98,7 +98,7 @@ def test_a_v1_client_chats_through_the_new_gateway() -> None:
         finally:
             if old.writer is not None:
                 old.writer.close()
-            await bob.close()
+            await bob.aclose()
             await cluster.stop()
 
     old, got = asyncio.run(main())

@@ -36,6 +36,7 @@ from imkit.protocol import (
     encode,
 )
 from imkit.session import (
+    ClientConfig,
     ClientSession,
     CloseConnection,
     MessageReceived,
@@ -139,13 +140,15 @@ class World:
                 now_ms=0,
                 first_cid=1 + i * 1_000_000,
                 rng=random.Random(seed + i),
-                max_in_flight=6,  # above the server quota (4): QUOTA_EXCEEDED happens
-                max_cid_span=8,
-                max_queued=64,
-                sync_limit=3,
-                max_sync_convs=2,
-                max_held=4,  # pushes beyond it are left unacked and synced
-                max_conversations=2,  # 3 conversations: windows get evicted ...
+                config=ClientConfig(
+                    max_in_flight=6,  # above the server quota (4): QUOTA_EXCEEDED happens
+                    max_cid_span=8,
+                    max_queued=64,
+                    sync_limit=3,
+                    max_sync_convs=2,
+                    max_held=4,  # pushes beyond it are left unacked and synced
+                    max_conversations=2,  # 3 conversations: windows get evicted ...
+                ),
                 cursor_loader=self.app_cursor(uid),  # ... and restored from the app
             )
             self.conn[uid] = None
@@ -351,7 +354,7 @@ class World:
             self.store[conv][seq] = (ev.uid, ev.cid, ev.body)
             self.idem[key] = (conv, seq)
             self.fan_out(conv, seq)
-        self.server_outputs(session.tag, session.ack_send(ev.cid, seq, server_ms=self.now))
+        self.server_outputs(session.tag, session.ack_send(ev.cid, seq, wall_ms=self.now))
 
     def as_push(self, conv: str, seq: int) -> Push:
         sender, _, body = self.store[conv][seq]

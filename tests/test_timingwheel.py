@@ -26,7 +26,7 @@ from hypothesis.stateful import (
 import imkit.timingwheel
 from imkit.errors import CapacityError, ConfigError, ImkitError, TimeWentBackwards
 from imkit.timingwheel import (
-    DEFAULT_MAX_PENDING,
+    DEFAULT_MAX_PENDING_TIMERS,
     MAX_DEADLINE_MS,
     MAX_WHEEL_SIZE,
     TimerHandle,
@@ -226,7 +226,7 @@ class TestConstruction:
         """The defaults are the documented constants and the wheel starts empty."""
         w: TimingWheel[object] = TimingWheel()
         assert (w.tick_ms, w.wheel_size, w.now_ms, len(w), w.levels) == (10, 256, 0, 0, 1)
-        assert w.max_pending == DEFAULT_MAX_PENDING
+        assert w.max_pending == DEFAULT_MAX_PENDING_TIMERS
         assert w.next_deadline_ms() is None
         assert "pending=0" in repr(w)
         w._check()

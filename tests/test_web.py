@@ -106,7 +106,7 @@ class TestBrowser:
                         status = await page.inner_text("#status")
                     finally:
                         await context.close()
-                await bob.close()
+                await bob.aclose()
                 return got[0].body, lines, status
 
         body, lines, status = run(main)
@@ -142,7 +142,7 @@ class TestBrowser:
                         lines = await page.locator("#log li").all_inner_texts()
                     finally:
                         await context.close()
-                await bob.close()
+                await bob.aclose()
                 return lines, cluster.logic.stats.envelopes
 
         lines, envelopes = run(main)
@@ -212,7 +212,7 @@ class TestWebSocket:
                 push = await ws.expect(Push)
                 while push.body != b"to ws":
                     push = await ws.expect(Push)
-                await bob.close()
+                await bob.aclose()
                 ws.writer.close()
                 return ack.uid, pong.nonce, sent.seq, push.body
 

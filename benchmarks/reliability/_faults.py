@@ -199,7 +199,7 @@ async def crash(cluster: Cluster) -> None:
         await kill_gateway(gateway)
     cluster.logic.close()
     cluster.routes.close()
-    await cluster.bus.close()
+    await cluster.bus.aclose()
     if cluster.ipconf is not None:
         await cluster.ipconf.stop()
     cluster._stopped = True  # the store stays open, uncommitted nothing: see SqliteStore

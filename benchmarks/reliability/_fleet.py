@@ -21,7 +21,7 @@ from tests.history import History
 from imkit.aio import Client, ClientStatus
 from imkit.errors import CapacityError, ConnectionClosed
 from imkit.policy import Backoff
-from imkit.session import LoggedIn, SessionEvent
+from imkit.session import ClientConfig, LoggedIn, SessionEvent
 from imkit.store import MessageStore, direct_conv_id
 
 #: The device every fleet client logs in with (one device per user).
@@ -116,7 +116,7 @@ class Population:
                 token=token(uid),
                 device=DEVICE,
                 endpoints=endpoints(i),
-                session_kwargs={"reconnect": reconnect},
+                config=ClientConfig(reconnect=reconnect),
                 on_event=self._on_event(uid),
                 rng=random.Random(seed * 100_003 + i),
             )
@@ -222,7 +222,7 @@ class Population:
         for task in self._chatters:
             task.cancel()
         await asyncio.gather(*self._chatters, return_exceptions=True)
-        await asyncio.gather(*(c.close() for c in self.clients.values()), return_exceptions=True)
+        await asyncio.gather(*(c.aclose() for c in self.clients.values()), return_exceptions=True)
         for task in self._consumers:  # ended by the close; cancel any straggler
             task.cancel()
         await asyncio.gather(*self._consumers, return_exceptions=True)

@@ -37,7 +37,7 @@ from imkit.protocol import (
     Ping,
     encode,
 )
-from imkit.session import ServerConfig
+from imkit.session import ClientConfig, ServerConfig
 
 #: Where the harness allocates its own log (the history, the fleet, the scenarios):
 #: left out of the heap figures, which are about what the servers hold.
@@ -208,7 +208,7 @@ async def _bad_peers_round(
         token=cluster.token("feeder", tag),
         device=tag,
         endpoints=cluster.endpoints(),
-        session_kwargs={"reconnect": Backoff(base_ms=200, cap_ms=1000)},
+        config=ClientConfig(reconnect=Backoff(base_ms=200, cap_ms=1000)),
     )
     feeding: list[asyncio.Task[None]] = []
     stats = gw.stats
@@ -243,7 +243,7 @@ async def _bad_peers_round(
         r.end = now()
         pop.chatting.clear()
         await asyncio.gather(feeding[0], return_exceptions=True)  # until the slow one is cut
-        await feeder.close()
+        await feeder.aclose()
         # the gateway must let go of every bad peer on its own, while they keep their sockets
         deadline = now() + 30.0
         while now() < deadline:
@@ -258,7 +258,7 @@ async def _bad_peers_round(
             await asyncio.sleep(0.05)
         r.peers_open, _ = _measure(cluster, {port})
     finally:
-        await feeder.close()
+        await feeder.aclose()
         if pinger is not None:
             feeding.append(pinger)
         for task in feeding:

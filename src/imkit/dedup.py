@@ -30,7 +30,7 @@ from typing import Generic, TypeVar
 from imkit.errors import CapacityError, ConfigError
 
 __all__ = [
-    "DEFAULT_MAX_PENDING",
+    "DEFAULT_MAX_PENDING_SEQS",
     "DEFAULT_SIZE",
     "MAX_CID",
     "MAX_SEQ",
@@ -60,7 +60,7 @@ MAX_SIZE = 2**20
 #: sync or a retry; a sync page holds 100 messages (``SyncRequest.limit``), so ten
 #: pages of headroom. Past it the window refuses (CapacityError) and the caller leaves
 #: the push unacknowledged and syncs later: the server still has it.
-DEFAULT_MAX_PENDING = 1024
+DEFAULT_MAX_PENDING_SEQS = 1024
 
 
 class Verdict(enum.Enum):
@@ -367,7 +367,7 @@ class SeqWindow(Generic[T]):
 
     __slots__ = ("_contiguous", "_early", "_low", "_max_pending", "_ready", "_top")
 
-    def __init__(self, after: int = 0, *, max_pending: int = DEFAULT_MAX_PENDING) -> None:
+    def __init__(self, after: int = 0, *, max_pending: int = DEFAULT_MAX_PENDING_SEQS) -> None:
         """Start after ``after`` (the last seq the client already holds). O(1).
 
         ``max_pending`` (>= 1) bounds the items held and not yet popped.

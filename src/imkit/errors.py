@@ -358,7 +358,7 @@ class HttpError(BackendError):
     """An HTTP server answered ``status`` (not 2xx); ``body`` is its parsed JSON body.
 
     ``body`` is None when the answer had no JSON body or a larger one than the
-    caller's bound (:func:`imkit.aio.http_get_json`'s ``max_error_body``). The
+    caller's bound (``examples/httpclient.fetch_json``'s ``max_error_body``). The
     message quotes the body's ``"error"`` string, if any, cut to 200 characters.
     """
 

@@ -46,11 +46,11 @@ __all__ = [
     "DEFAULT_MAX_CONVS",
     "DEFAULT_MAX_GROUPS",
     "DEFAULT_MAX_INFLIGHT",
-    "DEFAULT_MAX_QUEUED",
+    "DEFAULT_MAX_QUEUED_PER_GROUP",
+    "DEFAULT_MAX_SIGNAL_USERS",
     "DEFAULT_MAX_TOTAL",
-    "DEFAULT_MAX_USERS",
+    "DEFAULT_MERGE_WINDOW_MS",
     "DEFAULT_SIGNAL_WINDOW_MS",
-    "DEFAULT_WINDOW_MS",
     "MessageMerger",
     "Release",
     "ReleaseKind",
@@ -69,7 +69,7 @@ DEFAULT_MAX_INFLIGHT = 4
 #: is below what a reader perceives as a delay in a busy group; at 100 msgs/s into a
 #: 10k group it merges ~5 messages per push and cuts member pushes ~5x
 #: (benchmarks/bench_merger.py).
-DEFAULT_WINDOW_MS = 100
+DEFAULT_MERGE_WINDOW_MS = 100
 #: Messages per batch. lz4 on a batch of 100 chat messages compresses to ~0.49 of
 #: its size (docs/benchmarks.md, protocol section); larger batches gain little compression and
 #: delay the whole batch on a slow link.
@@ -79,7 +79,7 @@ DEFAULT_MAX_BATCH = 100
 DEFAULT_MAX_BATCH_BYTES = 32 * 1024
 #: Messages queued per group before it switches to notify-and-pull: 10 full
 #: batches. Past that, members fetching pages by sync is cheaper than pushing.
-DEFAULT_MAX_QUEUED = 1_000
+DEFAULT_MAX_QUEUED_PER_GROUP = 1_000
 #: Messages queued over all groups: 100 groups at max_queued, ~10-30 MB with
 #: chat-sized bodies. The group that would pass it switches to notify-and-pull.
 DEFAULT_MAX_TOTAL = 100_000
@@ -90,7 +90,7 @@ DEFAULT_MAX_GROUPS = 100_000
 #: Window of the signal aggregator: as for merging, below a perceptible delay.
 DEFAULT_SIGNAL_WINDOW_MS = 100
 #: Users with a signal pending: the online users of one logic process.
-DEFAULT_MAX_USERS = 100_000
+DEFAULT_MAX_SIGNAL_USERS = 100_000
 #: Conversations per pending signal. An entry is ~27 bytes of CBOR (a 20-byte
 #: conversation id and a seq), so 32 keep a Notify frame under the seed's
 #: 1400-byte packet limit.
@@ -198,10 +198,10 @@ class MessageMerger(Generic[M]):
         self,
         *,
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
-        window_ms: int = DEFAULT_WINDOW_MS,
+        window_ms: int = DEFAULT_MERGE_WINDOW_MS,
         max_batch: int = DEFAULT_MAX_BATCH,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
-        max_queued: int = DEFAULT_MAX_QUEUED,
+        max_queued: int = DEFAULT_MAX_QUEUED_PER_GROUP,
         max_total: int = DEFAULT_MAX_TOTAL,
         max_groups: int = DEFAULT_MAX_GROUPS,
     ) -> None:
@@ -473,7 +473,7 @@ class SignalAggregator:
         self,
         *,
         window_ms: int = DEFAULT_SIGNAL_WINDOW_MS,
-        max_users: int = DEFAULT_MAX_USERS,
+        max_users: int = DEFAULT_MAX_SIGNAL_USERS,
         max_convs: int = DEFAULT_MAX_CONVS,
     ) -> None:
         """Create an empty aggregator. O(1)."""

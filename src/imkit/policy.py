@@ -42,6 +42,10 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
+from typing import Any
+
+import attrs
 
 from imkit.errors import ConfigError, TimeWentBackwards
 
@@ -71,6 +75,58 @@ DEFAULT_HEARTBEAT_JITTER = 0.1
 # 2**62 ms is far beyond any sane cap; clamping the exponent keeps ints small.
 _MAX_SHIFT = 62
 
+_Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
+
+
+def _require_int(name: str, value: object, lo: int, hi: int | None = None) -> None:
+    """ConfigError naming ``name`` unless ``value`` is an int (not a bool) in ``[lo, hi]``."""
+    if type(value) is not int:
+        raise ConfigError(f"{name} must be an int, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ConfigError(f"{name} must be {bound}, got {value}")
+
+
+def _int_field(lo: int, hi: int | None = None) -> _Validator:
+    """An attrs validator: an int in ``[lo, hi]`` (``hi=None``: no upper bound), else
+    ConfigError naming the field. Used by every config of imkit (policy and session)."""
+
+    def check(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        _require_int(attribute.name, value, lo, hi)
+
+    return check
+
+
+def _optional_int_field(lo: int) -> _Validator:
+    """Like :func:`_int_field`, but ``None`` is allowed too."""
+
+    def check(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None:
+            _require_int(attribute.name, value, lo)
+
+    return check
+
+
+def _instance_field(*types: type) -> _Validator:
+    """An attrs validator: an instance of one of ``types``, else ConfigError naming the field."""
+
+    def check(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if not isinstance(value, types):
+            names = " or ".join(t.__name__ for t in types)
+            raise ConfigError(f"{attribute.name} must be a {names}, got {value!r}")
+
+    return check
+
+
+def _not_below_base(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+    if value < instance.base_ms:
+        raise ConfigError(f"{attribute.name} ({value}) must be >= base_ms ({instance.base_ms})")
+
+
+def _fraction(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if type(value) not in (int, float) or not 0.0 <= value < 1.0:  # also rejects NaN
+        raise ConfigError(f"{attribute.name} must be a number in [0, 1), got {value!r}")
+
 
 def _check_rand(rand: float) -> None:
     if not 0.0 <= rand < 1.0:  # also rejects NaN
@@ -82,12 +138,14 @@ def _check_attempt(attempt: int) -> None:
         raise ConfigError(f"attempt must be >= 0, got {attempt}")
 
 
+@attrs.frozen(kw_only=True)
 class Backoff:
     """Full-jitter exponential backoff: the delay before attempt ``n`` is in ``[0, ceiling(n))``.
 
     ``ceiling(n) = min(cap_ms, base_ms * 2**n)``. Attempts count from 0 (the
     delay before the first retry). ``max_attempts`` (``None``: unlimited) bounds
-    how many attempts :meth:`exhausted` allows.
+    how many attempts :meth:`exhausted` allows. A frozen attrs value: equal by
+    fields; a wrong type or range raises ConfigError naming the field.
 
     >>> b = Backoff(base_ms=100, cap_ms=1_000, max_attempts=5)
     >>> b.ceiling_ms(0), b.ceiling_ms(3), b.ceiling_ms(10)
@@ -100,24 +158,9 @@ class Backoff:
     (False, True)
     """
 
-    __slots__ = ("base_ms", "cap_ms", "max_attempts")
-
-    def __init__(self, *, base_ms: int, cap_ms: int, max_attempts: int | None = None) -> None:
-        if base_ms <= 0:
-            raise ConfigError(f"base_ms must be > 0, got {base_ms}")
-        if cap_ms < base_ms:
-            raise ConfigError(f"cap_ms ({cap_ms}) must be >= base_ms ({base_ms})")
-        if max_attempts is not None and max_attempts < 1:
-            raise ConfigError(f"max_attempts must be >= 1 or None, got {max_attempts}")
-        self.base_ms = base_ms
-        self.cap_ms = cap_ms
-        self.max_attempts = max_attempts
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(base_ms={self.base_ms}, cap_ms={self.cap_ms}, "
-            f"max_attempts={self.max_attempts})"
-        )
+    base_ms: int = attrs.field(validator=_int_field(1))
+    cap_ms: int = attrs.field(validator=[_int_field(1), _not_below_base])
+    max_attempts: int | None = attrs.field(default=None, validator=_optional_int_field(1))
 
     def ceiling_ms(self, attempt: int) -> int:
         """The largest delay attempt ``attempt`` may wait: ``min(cap, base * 2**attempt)``. O(1)."""
@@ -139,12 +182,14 @@ class Backoff:
         return self.max_attempts is not None and attempts >= self.max_attempts
 
 
+@attrs.frozen(kw_only=True)
 class ExponentialBackoff:
     """Plain exponential backoff without jitter: ``min(cap_ms, base_ms * factor**attempt)``.
 
     For retries where spreading does not matter (resending an unacknowledged
     message on one connection). Same interface as :class:`Backoff`; ``rand`` is
-    accepted and ignored so the two are interchangeable.
+    accepted and ignored so the two are interchangeable. A frozen attrs value,
+    validated like :class:`Backoff`.
 
     >>> b = ExponentialBackoff(base_ms=2_000, cap_ms=16_000, max_attempts=4)
     >>> [b.delay_ms(n) for n in range(5)]
@@ -153,29 +198,10 @@ class ExponentialBackoff:
     3000
     """
 
-    __slots__ = ("base_ms", "cap_ms", "factor", "max_attempts")
-
-    def __init__(
-        self, *, base_ms: int, cap_ms: int, factor: int = 2, max_attempts: int | None = None
-    ) -> None:
-        if base_ms <= 0:
-            raise ConfigError(f"base_ms must be > 0, got {base_ms}")
-        if cap_ms < base_ms:
-            raise ConfigError(f"cap_ms ({cap_ms}) must be >= base_ms ({base_ms})")
-        if factor < 1:
-            raise ConfigError(f"factor must be >= 1, got {factor}")
-        if max_attempts is not None and max_attempts < 1:
-            raise ConfigError(f"max_attempts must be >= 1 or None, got {max_attempts}")
-        self.base_ms = base_ms
-        self.cap_ms = cap_ms
-        self.factor = factor
-        self.max_attempts = max_attempts
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(base_ms={self.base_ms}, cap_ms={self.cap_ms}, "
-            f"factor={self.factor}, max_attempts={self.max_attempts})"
-        )
+    base_ms: int = attrs.field(validator=_int_field(1))
+    cap_ms: int = attrs.field(validator=[_int_field(1), _not_below_base])
+    factor: int = attrs.field(default=2, validator=_int_field(1))
+    max_attempts: int | None = attrs.field(default=None, validator=_optional_int_field(1))
 
     def ceiling_ms(self, attempt: int) -> int:
         """The delay before attempt ``attempt`` without a hint. O(min(attempt, log(cap/base)))."""
@@ -209,6 +235,7 @@ class HeartbeatAction(enum.Enum):
     DEAD = "dead"
 
 
+@attrs.frozen(kw_only=True)
 class HeartbeatPolicy:
     """Heartbeat timing: ping a quiet link every ``interval_ms``, dead after ``missed`` intervals.
 
@@ -222,7 +249,8 @@ class HeartbeatPolicy:
     * ``jitter``: pings come up to ``jitter * interval_ms`` early, at random, so
       clients started together spread out.
 
-    All methods are O(1) pure functions of their arguments.
+    All methods are O(1) pure functions of their arguments. A frozen attrs value:
+    equal by fields; a wrong type or range raises ConfigError naming the field.
 
     >>> p = HeartbeatPolicy(interval_ms=1_000, missed=3, jitter=0.0)
     >>> p.deadline_ms
@@ -233,34 +261,13 @@ class HeartbeatPolicy:
     3200
     """
 
-    __slots__ = ("interval_ms", "jitter", "missed")
-
-    def __init__(
-        self,
-        *,
-        interval_ms: int = DEFAULT_HEARTBEAT_INTERVAL_MS,
-        missed: int = DEFAULT_HEARTBEAT_MISSED,
-        jitter: float = DEFAULT_HEARTBEAT_JITTER,
-    ) -> None:
-        if interval_ms <= 0:
-            raise ConfigError(f"interval_ms must be > 0, got {interval_ms}")
-        if missed < 1:
-            raise ConfigError(f"missed must be >= 1, got {missed}")
-        if not 0.0 <= jitter < 1.0:
-            raise ConfigError(f"jitter must be in [0, 1), got {jitter!r}")
-        self.interval_ms = interval_ms
-        self.missed = missed
-        self.jitter = jitter
-
-    def __repr__(self) -> str:
-        return (
-            f"HeartbeatPolicy(interval_ms={self.interval_ms}, missed={self.missed}, "
-            f"jitter={self.jitter})"
-        )
+    interval_ms: int = attrs.field(default=DEFAULT_HEARTBEAT_INTERVAL_MS, validator=_int_field(1))
+    missed: int = attrs.field(default=DEFAULT_HEARTBEAT_MISSED, validator=_int_field(1))
+    jitter: float = attrs.field(default=DEFAULT_HEARTBEAT_JITTER, validator=_fraction)
 
     def with_interval(self, interval_ms: int) -> HeartbeatPolicy:
         """A copy with another interval (e.g. the server's ``LoginAck.heartbeat_ms``). O(1)."""
-        return HeartbeatPolicy(interval_ms=interval_ms, missed=self.missed, jitter=self.jitter)
+        return attrs.evolve(self, interval_ms=interval_ms)
 
     @property
     def deadline_ms(self) -> int:
@@ -319,6 +326,10 @@ class HeartbeatTracker:
     __slots__ = ("_early_ms", "last_ping_ms", "last_received_ms", "last_sent_ms", "policy")
 
     def __init__(self, policy: HeartbeatPolicy, *, now_ms: int, rand: float = 0.0) -> None:
+        if not isinstance(policy, HeartbeatPolicy):
+            raise ConfigError(f"policy must be a HeartbeatPolicy, got {policy!r}")
+        if type(now_ms) is not int:
+            raise ConfigError(f"now_ms must be an int, got {now_ms!r}")
         self.policy = policy
         self.last_sent_ms = now_ms
         self.last_received_ms = now_ms
@@ -403,10 +414,10 @@ class TokenBucket:
     __slots__ = ("_last_ms", "_milli", "burst", "rate_per_s")
 
     def __init__(self, *, rate_per_s: int, burst: int, now_ms: int) -> None:
-        if rate_per_s <= 0:
-            raise ConfigError(f"rate_per_s must be > 0, got {rate_per_s}")
-        if burst < 1:
-            raise ConfigError(f"burst must be >= 1, got {burst}")
+        _require_int("rate_per_s", rate_per_s, 1)
+        _require_int("burst", burst, 1)
+        if type(now_ms) is not int:
+            raise ConfigError(f"now_ms must be an int, got {now_ms!r}")
         self.rate_per_s = rate_per_s
         self.burst = burst
         self._milli = burst * 1000

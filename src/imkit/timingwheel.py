@@ -43,7 +43,7 @@ from typing import Generic, TypeVar, cast
 from imkit.errors import CapacityError, ConfigError, TimeWentBackwards, UsageError
 
 __all__ = [
-    "DEFAULT_MAX_PENDING",
+    "DEFAULT_MAX_PENDING_TIMERS",
     "DEFAULT_TICK_MS",
     "DEFAULT_WHEEL_SIZE",
     "MAX_DEADLINE_MS",
@@ -68,7 +68,7 @@ MAX_WHEEL_SIZE = 1 << 12
 #: 8 Mi pending timers, about 600 MiB at 72 bytes each: a gateway process with ~1M
 #: connections holds a heartbeat and a few unacknowledged-push timers per connection.
 #: A backstop against runaway growth, not a per-peer quota (sessions bound those).
-DEFAULT_MAX_PENDING = 1 << 23
+DEFAULT_MAX_PENDING_TIMERS = 1 << 23
 #: The largest deadline accepted: int64 milliseconds (292 million years), the range
 #: of every time field on the wire. Anything beyond it is a bug, not a timeout.
 MAX_DEADLINE_MS = (1 << 63) - 1
@@ -267,7 +267,7 @@ class TimingWheel(Generic[T]):
         tick_ms: int = DEFAULT_TICK_MS,
         wheel_size: int = DEFAULT_WHEEL_SIZE,
         start_ms: int = 0,
-        max_pending: int = DEFAULT_MAX_PENDING,
+        max_pending: int = DEFAULT_MAX_PENDING_TIMERS,
     ) -> None:
         """Build an empty wheel with one level. O(wheel_size).
 

@@ -5,8 +5,9 @@ Adapters that wire the sans-IO blocks to the event loop:
 * :class:`FramedConnection` -- an ``asyncio.Protocol`` holding a protocol
   ``Connection``: coalesced writes, bounded inbox, slow-reader cut, deadlines;
   :func:`serve` / :func:`serve_tcp` / :func:`open_connection`;
-* :class:`Client` -- the IM client: ipconf endpoints, racing connects, login,
-  reconnect with backoff, heartbeats, over a ``ClientSession``;
+* :class:`Client` -- the IM client: endpoints (a static list and/or a pluggable
+  :data:`EndpointFetcher`, cached, ranked and raced), login, reconnect with
+  backoff, heartbeats, over a ``ClientSession``;
 * :class:`WheelDriver` (a timing wheel on the loop clock) and
   :class:`DeadlineTimer` (one timer for a session that keeps its own wheel);
 * :func:`run` / :func:`new_event_loop` (uvloop when installed), :func:`loop_ms`;
@@ -21,21 +22,17 @@ from imkit.aio._client import (
     DEFAULT_CONNECT_TIMEOUT_MS,
     DEFAULT_DEMOTE_MS,
     DEFAULT_ENDPOINT_TTL_MS,
-    DEFAULT_MAX_MESSAGES,
+    DEFAULT_FETCH_TIMEOUT_MS,
     DEFAULT_MAX_RACING,
+    DEFAULT_MAX_UNREAD_MESSAGES,
     DEFAULT_RACE_DELAY_MS,
     Client,
     ClientStatus,
 )
 from imkit.aio._endpoints import (
-    DEFAULT_HTTP_TIMEOUT_MS,
-    DEFAULT_MAX_ENDPOINTS,
-    DEFAULT_MAX_HTTP_BODY,
-    DEFAULT_MAX_HTTP_ERROR_BODY,
-    DEFAULT_MAX_HTTP_HEADER,
+    DEFAULT_MAX_IPCONF_ENDPOINTS,
     Endpoint,
-    fetch_endpoints,
-    http_get_json,
+    EndpointFetcher,
     parse_endpoints,
 )
 from imkit.aio._loop import loop_ms, new_event_loop, run, uvloop_available
@@ -73,19 +70,16 @@ __all__ = [
     "DEFAULT_CONNECT_TIMEOUT_MS",
     "DEFAULT_DEMOTE_MS",
     "DEFAULT_ENDPOINT_TTL_MS",
+    "DEFAULT_FETCH_TIMEOUT_MS",
     "DEFAULT_FRAME_TIMEOUT_MS",
     "DEFAULT_HANDSHAKE_TIMEOUT_MS",
-    "DEFAULT_HTTP_TIMEOUT_MS",
     "DEFAULT_MAX_CONNECTIONS",
-    "DEFAULT_MAX_ENDPOINTS",
-    "DEFAULT_MAX_HTTP_BODY",
-    "DEFAULT_MAX_HTTP_ERROR_BODY",
-    "DEFAULT_MAX_HTTP_HEADER",
-    "DEFAULT_MAX_MESSAGES",
+    "DEFAULT_MAX_IPCONF_ENDPOINTS",
     "DEFAULT_MAX_PENDING_LOGINS",
     "DEFAULT_MAX_PENDING_MESSAGES",
     "DEFAULT_MAX_PER_ADDRESS",
     "DEFAULT_MAX_RACING",
+    "DEFAULT_MAX_UNREAD_MESSAGES",
     "DEFAULT_MAX_WRITE_BUFFER",
     "DEFAULT_RACE_DELAY_MS",
     "DEFAULT_SHUTDOWN_RETRY_AFTER_MS",
@@ -95,14 +89,13 @@ __all__ = [
     "ClientStatus",
     "DeadlineTimer",
     "Endpoint",
+    "EndpointFetcher",
     "FramedConnection",
     "MemoryBus",
     "MemoryRegistry",
     "MemorySubscription",
     "Server",
     "WheelDriver",
-    "fetch_endpoints",
-    "http_get_json",
     "loop_ms",
     "new_event_loop",
     "open_connection",

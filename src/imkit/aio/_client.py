@@ -4,8 +4,10 @@
 the delivery contract: cids, resends, dedup, acks, sync, heartbeat decisions) over
 a :class:`~imkit.aio.FramedConnection`, and adds what needs a clock or a socket:
 
-* **endpoints**: a static list, or an ipconf URL answered with JSON (cached for
-  ``endpoint_ttl_ms``; a stale copy is used when ipconf is down);
+* **endpoints**: a static list, or a pluggable fetcher
+  (:data:`~imkit.aio.EndpointFetcher`, e.g. an ipconf HTTP lookup the application
+  supplies) whose answer is cached for ``endpoint_ttl_ms``; a stale copy (or the
+  static list) is used when a fetch fails or answers garbage;
 * **racing** (RFC 8305 "happy eyeballs", applied to the ranked list): try the
   first endpoint; if it has not connected after ``race_delay_ms`` (or failed),
   start the next one too, up to ``max_racing`` at once; keep the first connection
@@ -34,6 +36,7 @@ import enum
 import logging
 import random
 import time
+import warnings
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
@@ -41,13 +44,20 @@ from typing import Any
 
 import xxhash
 
-from imkit.aio._endpoints import DEFAULT_HTTP_TIMEOUT_MS, Endpoint, fetch_endpoints
+from imkit.aio._checks import check_int
+from imkit.aio._endpoints import (
+    DEFAULT_MAX_IPCONF_ENDPOINTS,
+    Endpoint,
+    EndpointFetcher,
+    _checked_endpoints,
+)
 from imkit.aio._loop import loop_ms
 from imkit.aio._timers import DeadlineTimer
 from imkit.aio._transport import FramedConnection
 from imkit.errors import BackendError, ConfigError, ConnectionClosed, SendError, StateError
 from imkit.protocol import ErrorCode, Message, Push, Role
 from imkit.session import (
+    ClientConfig,
     ClientSession,
     CloseConnection,
     Kicked,
@@ -64,8 +74,9 @@ __all__ = [
     "DEFAULT_CONNECT_TIMEOUT_MS",
     "DEFAULT_DEMOTE_MS",
     "DEFAULT_ENDPOINT_TTL_MS",
-    "DEFAULT_MAX_MESSAGES",
+    "DEFAULT_FETCH_TIMEOUT_MS",
     "DEFAULT_MAX_RACING",
+    "DEFAULT_MAX_UNREAD_MESSAGES",
     "DEFAULT_RACE_DELAY_MS",
     "Client",
     "ClientStatus",
@@ -91,6 +102,11 @@ DEFAULT_CONNECT_TIMEOUT_MS = 10_000
 #: client per 5 min even when clients reconnect often.
 DEFAULT_ENDPOINT_TTL_MS = 5 * 60_000
 
+#: One call of the endpoint fetcher, start to answer. An ipconf answers from memory;
+#: 5 s covers a slow mobile link's connect and one round trip, after which the
+#: client falls back to its cached (or static) list instead of hanging in CONNECTING.
+DEFAULT_FETCH_TIMEOUT_MS = 5_000
+
 #: How long a failed endpoint stays at the end of the list: about two ipconf TTLs'
 #: worth of reconnect attempts would otherwise retry a dead gateway first each time.
 DEFAULT_DEMOTE_MS = 60_000
@@ -99,7 +115,7 @@ DEFAULT_DEMOTE_MS = 60_000
 #: stops reading from the socket (the transport then pauses reading), so a stalled
 #: application makes the server cut or slow down rather than the client's memory
 #: grow. 1024 is ten sync pages; the bound is soft by at most one frame's messages.
-DEFAULT_MAX_MESSAGES = 1024
+DEFAULT_MAX_UNREAD_MESSAGES = 1024
 
 
 class ClientStatus(enum.Enum):
@@ -110,7 +126,7 @@ class ClientStatus(enum.Enum):
     LOGGING_IN = "logging_in"  # connected, Login sent, no LoginAck yet
     ONLINE = "online"  # logged in
     BACKOFF = "backoff"  # waiting before the next attempt
-    CLOSED = "closed"  # close() called or a final Kick; terminal
+    CLOSED = "closed"  # aclose() called or a final Kick; terminal
 
 
 class _ClientConnection(FramedConnection):
@@ -128,16 +144,24 @@ class Client:
 
     ``token`` and ``device`` go into every Login (the session resumes across
     reconnects). Give ``endpoints`` ("host:port" strings or
-    :class:`~imkit.aio.Endpoint`), an ``ipconf_url``, or both (the static list is
-    the fallback when ipconf has never answered). ``session`` replaces the
-    session built from ``token``/``device``/``session_kwargs``;
+    :class:`~imkit.aio.Endpoint`), a ``fetch_endpoints`` callable
+    (:data:`~imkit.aio.EndpointFetcher`: ``async () -> Sequence[str | Endpoint]``,
+    raising BackendError on failure), or both: the static list is the fallback
+    while the fetcher has never answered. The fetcher is called when the cached
+    answer is missing or older than ``endpoint_ttl_ms``, each call bounded by
+    ``fetch_timeout_ms``; at most ``max_endpoints`` of its answer are kept. A fetch
+    that fails, times out or answers something that is not a non-empty sequence of
+    endpoints is recorded in :attr:`last_error` as a BackendError and the cached
+    list is used. ``session`` replaces the
+    session built from ``token``/``device``/``config`` (a
+    :class:`~imkit.session.ClientConfig`: the session's limits and timings);
     ``connection_kwargs`` go to each :class:`FramedConnection`. ``on_event``
     receives every session event the async API does not consume (receipts, server
     errors, kicks, dead connections). ``rng`` seeds the session's jitter.
 
     Costs: a send O(1) plus the frame's encoding; a received push O(1) in the
     session plus a queue append. Use as ``async with Client(...) as client:`` or
-    call :meth:`start` and :meth:`close`.
+    call :meth:`start` and :meth:`aclose`.
     """
 
     def __init__(
@@ -146,46 +170,51 @@ class Client:
         token: str = "",
         device: str = "",
         endpoints: Sequence[str | Endpoint] = (),
-        ipconf_url: str | None = None,
+        fetch_endpoints: EndpointFetcher | None = None,
         race_delay_ms: int = DEFAULT_RACE_DELAY_MS,
         max_racing: int = DEFAULT_MAX_RACING,
         connect_timeout_ms: int = DEFAULT_CONNECT_TIMEOUT_MS,
         endpoint_ttl_ms: int = DEFAULT_ENDPOINT_TTL_MS,
-        ipconf_timeout_ms: int = DEFAULT_HTTP_TIMEOUT_MS,
+        fetch_timeout_ms: int = DEFAULT_FETCH_TIMEOUT_MS,
+        max_endpoints: int = DEFAULT_MAX_IPCONF_ENDPOINTS,
         demote_ms: int = DEFAULT_DEMOTE_MS,
-        max_messages: int = DEFAULT_MAX_MESSAGES,
+        max_messages: int = DEFAULT_MAX_UNREAD_MESSAGES,
         session: ClientSession | None = None,
-        session_kwargs: dict[str, Any] | None = None,
+        config: ClientConfig | None = None,
         connection_kwargs: dict[str, Any] | None = None,
         on_event: Callable[[SessionEvent], object] | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        for name, value in (
-            ("race_delay_ms", race_delay_ms),
-            ("max_racing", max_racing),
-            ("connect_timeout_ms", connect_timeout_ms),
-            ("max_messages", max_messages),
-            ("ipconf_timeout_ms", ipconf_timeout_ms),
-        ):
-            if value < 1:
-                raise ConfigError(f"{name} must be >= 1, got {value}")
-        if endpoint_ttl_ms < 0 or demote_ms < 0:
-            raise ConfigError("endpoint_ttl_ms and demote_ms must be >= 0")
+        check_int("race_delay_ms", race_delay_ms)
+        check_int("max_racing", max_racing)
+        check_int("connect_timeout_ms", connect_timeout_ms)
+        check_int("max_messages", max_messages)
+        check_int("fetch_timeout_ms", fetch_timeout_ms)
+        check_int("max_endpoints", max_endpoints)
+        check_int("endpoint_ttl_ms", endpoint_ttl_ms, minimum=0)
+        check_int("demote_ms", demote_ms, minimum=0)
+        if isinstance(endpoints, str):
+            raise ConfigError("endpoints is a sequence of endpoints, not one string")
         self._static = [e if isinstance(e, Endpoint) else Endpoint.parse(e) for e in endpoints]
-        if not self._static and ipconf_url is None:
-            raise ConfigError("give endpoints, an ipconf_url, or both")
-        self.ipconf_url = ipconf_url
+        if fetch_endpoints is not None and not callable(fetch_endpoints):
+            raise ConfigError("fetch_endpoints must be an async callable")
+        if not self._static and fetch_endpoints is None:
+            raise ConfigError("give endpoints, fetch_endpoints, or both")
+        self.fetch_endpoints = fetch_endpoints
         self.race_delay_ms = race_delay_ms
         self.max_racing = max_racing
         self.connect_timeout_ms = connect_timeout_ms
         self.endpoint_ttl_ms = endpoint_ttl_ms
-        self.ipconf_timeout_ms = ipconf_timeout_ms
+        self.fetch_timeout_ms = fetch_timeout_ms
+        self.max_endpoints = max_endpoints
         self.demote_ms = demote_ms
         self.max_messages = max_messages
         self._connection_kwargs = dict(connection_kwargs or {})
         self._on_event = on_event
         self._session_arg = session
-        self._session_kwargs = dict(session_kwargs or {})
+        if config is not None and not isinstance(config, ClientConfig):
+            raise ConfigError(f"config must be a ClientConfig, got {config!r}")
+        self._config = config
         self._token = token
         self._device = device
         self._rng = rng
@@ -210,7 +239,9 @@ class Client:
         # observable results
         self.endpoint: Endpoint | None = None  # the endpoint of the current (or last) connection
         self.kicked: Kicked | None = None  # the last Kick received
-        self.last_error: BaseException | None = None  # why the last attempt failed
+        self.last_error: BaseException | None = None  # why the last attempt (or fetch) failed
+        self.fetches = 0  # calls of the endpoint fetcher
+        self.fetch_failures = 0  # of which failed (the cached or static list was used)
         self.last_backoff_ms: int | None = None  # the last reconnect delay chosen
         self.connects = 0  # connections established (TCP)
         self.logins = 0  # LoginAcks received
@@ -280,15 +311,18 @@ class Client:
             # cids must not repeat across sessions of a user: seed them from wall time
             wall_ms = int(time.time() * 1000)
             slot = xxhash.xxh32_intdigest(self._device.encode()) % 16
-            kwargs: dict[str, Any] = {"first_cid": initial_cid(wall_ms, slot), "rng": self._rng}
-            kwargs.update(self._session_kwargs)
             self._session = ClientSession(
-                token=self._token, device=self._device, now_ms=loop_ms(loop), **kwargs
+                token=self._token,
+                device=self._device,
+                now_ms=loop_ms(loop),
+                first_cid=initial_cid(wall_ms, slot),
+                config=self._config,
+                rng=self._rng,
             )
         self._timer = DeadlineTimer(self._session.next_deadline_ms, self._on_tick, loop=loop)
         self._task = loop.create_task(self._run())
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Log out, close the connection, end :meth:`messages`; pending sends fail. Idempotent."""
         if self._state is ClientStatus.CLOSED and self._task is None:
             return
@@ -301,8 +335,17 @@ class Client:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self._conn is not None:
-            self._conn.close()
-            await self._conn.wait_closed()
+            await self._conn.aclose()
+
+    async def close(self) -> None:
+        """Deprecated alias of :meth:`aclose` (async closers are ``aclose``, as in trio).
+
+        Kept for one release; emits DeprecationWarning.
+        """
+        warnings.warn(
+            "Client.close() is deprecated, use aclose()", DeprecationWarning, stacklevel=2
+        )
+        await self.aclose()
 
     def _finish(self) -> None:
         """Enter CLOSED: stop timers, fail waiters, end the message stream."""
@@ -327,7 +370,7 @@ class Client:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.close()
+        await self.aclose()
 
     # -- application API ------------------------------------------------------------------
 
@@ -339,7 +382,9 @@ class Client:
         """
         if self._state is ClientStatus.CLOSED or self._timer is None:
             raise ConnectionClosed(0, "client closed")
-        cid, out = self.session.send(conv, body, self._timer.now_ms())
+        cid, out = self.session.send(
+            conv, body, self._timer.now_ms(), wall_ms=int(time.time() * 1000)
+        )
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._acks[cid] = fut
         self._apply(out)
@@ -525,25 +570,45 @@ class Client:
             self._demoted[endpoint] = self._timer.now_ms() + self.demote_ms
 
     async def endpoints(self) -> list[Endpoint]:
-        """The endpoints the next attempt will try, in order (demoted ones last)."""
-        assert self._timer is not None
-        now = self._timer.now_ms()
+        """The endpoints the next attempt will try, in order (demoted ones last).
+
+        Calls the fetcher when its cached answer is missing or stale (also before
+        :meth:`start`). BackendError only when there is nothing to try: no static
+        list, no cached answer, and the fetch failed. O(n) for n endpoints.
+        """
+        now = self._timer.now_ms() if self._timer is not None else loop_ms()
         base = self._static
-        if self.ipconf_url is not None:
+        if self.fetch_endpoints is not None:
             if not self._cache or now >= self._cache_until_ms:
                 try:
-                    self._cache = await fetch_endpoints(
-                        self.ipconf_url, timeout_ms=self.ipconf_timeout_ms
-                    )
+                    self._cache = await self._fetch()
                     self._cache_until_ms = now + self.endpoint_ttl_ms
                 except BackendError as exc:
                     self.last_error = exc
+                    self.fetch_failures += 1
                     if not self._cache and not self._static:
                         raise
-                    logger.info("ipconf failed, using the cached list: %s", exc)
+                    logger.info("endpoint fetch failed, using the cached list: %s", exc)
             base = self._cache or self._static
         self._demoted = {e: t for e, t in self._demoted.items() if t > now}
         return sorted(base, key=lambda e: e in self._demoted)  # stable: ranks kept
+
+    async def _fetch(self) -> list[Endpoint]:
+        """One bounded call of the fetcher; any failure becomes a BackendError."""
+        fetch = self.fetch_endpoints
+        assert fetch is not None
+        self.fetches += 1
+        try:
+            answer = await asyncio.wait_for(fetch(), self.fetch_timeout_ms / 1000)
+        except BackendError:
+            raise
+        except TimeoutError:
+            raise BackendError(
+                f"endpoint fetch: no answer within {self.fetch_timeout_ms} ms"
+            ) from None
+        except Exception as exc:  # a fetcher's bug or OSError must not end the client
+            raise BackendError(f"endpoint fetch failed: {type(exc).__name__}: {exc}") from exc
+        return _checked_endpoints(answer, max_endpoints=self.max_endpoints)
 
     async def _connect(self) -> FramedConnection:
         """Race connects over the endpoints (staggered); the first to connect wins."""

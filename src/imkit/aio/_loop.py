@@ -7,7 +7,9 @@ import importlib.util
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["loop_ms", "new_event_loop", "run", "uvloop_available"]
+from imkit.errors import StateError
+
+__all__ = ["loop_ms", "new_event_loop", "run", "running_loop", "uvloop_available"]
 
 T = TypeVar("T")
 
@@ -44,12 +46,21 @@ def run(
         return runner.run(main)
 
 
+def running_loop() -> asyncio.AbstractEventLoop:
+    """The running event loop; StateError (a RuntimeError) when none runs. O(1)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        raise StateError("no running event loop: call from a coroutine, or pass loop=") from None
+
+
 def loop_ms(loop: asyncio.AbstractEventLoop | None = None) -> int:
     """The loop's monotonic clock (``loop.time()``) in whole milliseconds. O(1).
 
     This is the ``now_ms`` every sans-IO structure driven from imkit.aio receives;
-    its origin is arbitrary, only differences mean anything.
+    its origin is arbitrary, only differences mean anything. StateError without
+    ``loop`` when no loop is running.
     """
     if loop is None:
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
     return int(loop.time() * 1000)

@@ -3,7 +3,7 @@
 :func:`serve_tcp` is the thin layer (``loop.create_server`` with the socket options
 an IM gateway wants). :func:`serve` is the convenient one, shaped like
 ``websockets.serve``: it runs ``await handler(conn)`` for every accepted connection
-and closes the connection when the handler returns, and on :meth:`Server.close` it
+and closes the connection when the handler returns, and on :meth:`Server.aclose` it
 kicks every client with ``SHUTDOWN`` and a retry hint so that they reconnect
 spread out.
 
@@ -40,12 +40,14 @@ import collections
 import ipaddress
 import logging
 import socket
+import warnings
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
+from imkit.aio._checks import check_int
 from imkit.aio._transport import FramedConnection
-from imkit.errors import ConfigError, ConnectionClosed
+from imkit.errors import ConnectionClosed
 from imkit.protocol import Error, ErrorCode, Kick, Role
 
 __all__ = [
@@ -209,13 +211,11 @@ class Server:
         shutdown_retry_after_ms: int,
         connection_kwargs: dict[str, Any],
     ) -> None:
-        for name, value in (
-            ("max_connections", max_connections),
-            ("max_pending_logins", max_pending_logins),
-            ("max_per_address", max_per_address),
-        ):
-            if value < 1:
-                raise ConfigError(f"{name} must be >= 1, got {value}")
+        check_int("max_connections", max_connections)
+        check_int("max_pending_logins", max_pending_logins)
+        check_int("max_per_address", max_per_address)
+        check_int("busy_retry_after_ms", busy_retry_after_ms, minimum=0)
+        check_int("shutdown_retry_after_ms", shutdown_retry_after_ms, minimum=0)
         self.handler = handler
         self.max_connections = max_connections
         self.max_pending_logins = max_pending_logins
@@ -314,8 +314,11 @@ class Server:
         port: int = self.sockets[0].getsockname()[1]
         return port
 
-    async def close(self, *, kick: bool = True) -> None:
-        """Stop listening, kick every client with SHUTDOWN (or just close), wait for handlers."""
+    async def aclose(self, *, kick: bool = True) -> None:
+        """Stop listening, kick every client with SHUTDOWN (or just close), wait for handlers.
+
+        Idempotent. O(connections + handler tasks).
+        """
         self.closing = True
         if self.listener is not None:
             self.listener.close()
@@ -339,6 +342,16 @@ class Server:
         if self.listener is not None:
             await self.listener.wait_closed()
 
+    async def close(self, *, kick: bool = True) -> None:
+        """Deprecated alias of :meth:`aclose` (async closers are ``aclose``, as in trio).
+
+        Kept for one release; emits DeprecationWarning.
+        """
+        warnings.warn(
+            "Server.close() is deprecated, use aclose()", DeprecationWarning, stacklevel=2
+        )
+        await self.aclose(kick=kick)
+
     async def __aenter__(self) -> Server:
         return self
 
@@ -348,7 +361,7 @@ class Server:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.close()
+        await self.aclose()
 
 
 async def serve(

@@ -36,8 +36,9 @@ import asyncio
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from imkit.aio._loop import loop_ms
-from imkit.errors import ConfigError, StateError
+from imkit.aio._checks import check_int
+from imkit.aio._loop import loop_ms, running_loop
+from imkit.errors import StateError
 from imkit.timingwheel import DEFAULT_TICK_MS, DEFAULT_WHEEL_SIZE, TimerHandle, TimingWheel
 
 __all__ = ["DEFAULT_CATCH_UP_MS", "DEFAULT_STALL_MS", "DeadlineTimer", "WheelDriver"]
@@ -58,10 +59,8 @@ DEFAULT_CATCH_UP_MS = 250
 
 
 def _check_stall_keywords(stall_ms: int | None, catch_up_ms: int) -> None:
-    if stall_ms is not None and stall_ms < 1:
-        raise ConfigError(f"stall_ms must be >= 1 or None, got {stall_ms}")
-    if catch_up_ms < 1:
-        raise ConfigError(f"catch_up_ms must be >= 1, got {catch_up_ms}")
+    check_int("stall_ms", stall_ms, none_ok=True)
+    check_int("catch_up_ms", catch_up_ms)
 
 T = TypeVar("T")
 
@@ -102,7 +101,7 @@ class WheelDriver(Generic[T]):
         self.catch_up_ms = catch_up_ms
         self._catch_up_until: int | None = None  # during a catch-up: wake no earlier
         self._on_time = True  # the last wake-up was not late: a new stall may catch up
-        self._loop = loop if loop is not None else asyncio.get_running_loop()
+        self._loop = loop if loop is not None else running_loop()
         self._last_ms = loop_ms(self._loop)
         if wheel is None:
             wheel = TimingWheel(tick_ms=tick_ms, wheel_size=wheel_size, start_ms=self._last_ms)
@@ -283,7 +282,7 @@ class DeadlineTimer:
         self.stalls = 0
         self._next = next_deadline_ms
         self._on_due = on_due
-        self._loop = loop if loop is not None else asyncio.get_running_loop()
+        self._loop = loop if loop is not None else running_loop()
         self._armed_ms: int | None = None
         self._handle: asyncio.TimerHandle | None = None
         self._last_ms = loop_ms(self._loop)

@@ -53,11 +53,11 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
+from imkit.aio._checks import check_int
 from imkit.aio._loop import loop_ms
 from imkit.aio._timers import WheelDriver
 from imkit.errors import (
     CapacityError,
-    ConfigError,
     ConnectionClosed,
     LocalProtocolError,
     RemoteProtocolError,
@@ -196,17 +196,13 @@ class FramedConnection(asyncio.Protocol):
         coalesce: bool = True,
         timers: WheelDriver[Callable[[], object]] | None = None,
     ) -> None:
-        if max_pending < 1:
-            raise ConfigError(f"max_pending must be >= 1, got {max_pending}")
-        if write_high_water < 1 or max_write_buffer < write_high_water:
-            raise ConfigError("need 1 <= write_high_water <= max_write_buffer")
-        for name, value in (
-            ("frame_timeout_ms", frame_timeout_ms),
-            ("handshake_timeout_ms", handshake_timeout_ms),
-            ("close_timeout_ms", close_timeout_ms),
-        ):
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} must be >= 1 or None, got {value}")
+        check_int("max_frame_size", max_frame_size)
+        check_int("max_pending", max_pending)
+        check_int("write_high_water", write_high_water)
+        check_int("max_write_buffer", max_write_buffer, minimum=write_high_water)
+        check_int("frame_timeout_ms", frame_timeout_ms, none_ok=True)
+        check_int("handshake_timeout_ms", handshake_timeout_ms, none_ok=True)
+        check_int("close_timeout_ms", close_timeout_ms)
         self.role = role
         self.conn = Connection(role, max_frame_size=max_frame_size)
         self.max_pending = max_pending
@@ -661,6 +657,17 @@ class FramedConnection(asyncio.Protocol):
         """Wait until the transport is gone."""
         if self._closed is not None:
             await asyncio.shield(self._closed)
+
+    async def aclose(
+        self, last: Message | None = None, *, code: int | None = None, reason: str = ""
+    ) -> None:
+        """:meth:`close` (same arguments), then :meth:`wait_closed`. Idempotent.
+
+        Returns once the transport is gone: at most ``close_timeout_ms`` after the
+        call when the peer does not read what is still buffered.
+        """
+        self.close(last, code=code, reason=reason)
+        await self.wait_closed()
 
     def peername(self) -> Any:
         """The peer's address, as the transport reports it."""

@@ -13,6 +13,7 @@ immutable objects (bytes, frozen messages).
 from __future__ import annotations
 
 import asyncio
+import warnings
 from collections.abc import AsyncIterator
 from typing import Generic, TypeVar
 
@@ -54,7 +55,7 @@ class MemorySubscription(Generic[T]):
 
     @property
     def closed(self) -> bool:
-        """True once closed (by :meth:`close` or the bus)."""
+        """True once closed (by :meth:`aclose` or the bus)."""
         return self._inbox.closed
 
     def __len__(self) -> int:
@@ -93,12 +94,24 @@ class MemorySubscription(Generic[T]):
         """Same as :meth:`next`."""
         return await self.next()
 
-    async def close(self) -> None:
-        """Stop receiving and drop what is queued; a waiting ``next`` ends. Idempotent."""
+    async def aclose(self) -> None:
+        """Stop receiving and drop what is queued; a waiting ``next`` ends. Idempotent. O(1)."""
         self.close_nowait()
 
+    async def close(self) -> None:
+        """Deprecated alias of :meth:`aclose` (async closers are ``aclose``, as in trio).
+
+        Kept for one release; emits DeprecationWarning.
+        """
+        warnings.warn(
+            "MemorySubscription.close() is deprecated, use aclose()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        await self.aclose()
+
     def close_nowait(self) -> None:
-        """Synchronous :meth:`close`."""
+        """Synchronous :meth:`aclose`."""
         self._fanout.unsubscribe(self._inbox)
         self._wake()
 
@@ -167,9 +180,19 @@ class MemoryBus(Generic[T]):
         """A subscription receiving every later publish to ``subject``. O(1)."""
         return self.subscribe_nowait(subject, max_pending=max_pending, overflow=overflow)
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Close every subscription (their iterators end). Idempotent. O(subscriptions)."""
         self._closed = True
         for sub in self._subs:
             sub.close_nowait()
         self._subs.clear()
+
+    async def close(self) -> None:
+        """Deprecated alias of :meth:`aclose` (async closers are ``aclose``, as in trio).
+
+        Kept for one release; emits DeprecationWarning.
+        """
+        warnings.warn(
+            "MemoryBus.close() is deprecated, use aclose()", DeprecationWarning, stacklevel=2
+        )
+        await self.aclose()

@@ -39,7 +39,7 @@ class Subscription(Protocol[T]):
         """The next item, waiting for one. Raises StopAsyncIteration once closed."""
         ...
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Stop receiving; drop what is queued. Idempotent."""
         ...
 
@@ -73,6 +73,6 @@ class Bus(Protocol[T]):
         """A subscription receiving every later publish to ``subject``."""
         ...
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Close every subscription and release the backend. Idempotent."""
         ...

@@ -2,9 +2,11 @@
 
 Implementation lives in private modules: ``_messages`` (the typed messages and the
 SENDERS table), ``_limits`` (every constant with its reason), ``_schema`` (wire
-kind and limit of each field), ``_codec`` (header, generated strict CBOR
-encoders/decoders, LZ4) and ``_connection`` (the sans-IO :class:`Connection`).
-See docs/protocol.md for the byte-by-byte format.
+kind and limit of each field), ``_header`` (the 8-byte header, its checks and
+LZ4), ``_codegen`` (the generator of one strict CBOR decoder and encoder per
+message class) with ``_cbor`` (the run-time helpers the generated code calls),
+``_codec`` (``encode`` / ``decode`` over them) and ``_connection`` (the sans-IO
+:class:`Connection`). See docs/protocol.md for the byte-by-byte format.
 """
 
 from __future__ import annotations
@@ -40,9 +42,14 @@ from imkit.protocol._limits import (
     DEFAULT_COMPRESS_THRESHOLD,
     DEFAULT_MAX_BUFFER_SIZE,
     DEFAULT_MAX_FRAME_SIZE,
+    FLAG_LZ4,
+    FRAMING_VERSION,
     HEADER_SIZE,
+    MAGIC,
+    MAX_DEPTH,
     MAX_EXTRA_DEPTH,
     MAX_EXTRA_FIELDS,
+    MAX_FRAME_SIZE_LIMIT,
     MAX_ID_BYTES,
     MAX_ITEMS,
     MAX_REASON_BYTES,
@@ -50,6 +57,7 @@ from imkit.protocol._limits import (
     MAX_UINT,
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
+    READ_ALLOWANCE,
 )
 from imkit.protocol._messages import (
     SENDERS,
@@ -81,9 +89,14 @@ __all__ = [
     "DEFAULT_COMPRESS_THRESHOLD",
     "DEFAULT_MAX_BUFFER_SIZE",
     "DEFAULT_MAX_FRAME_SIZE",
+    "FLAG_LZ4",
+    "FRAMING_VERSION",
     "HEADER_SIZE",
+    "MAGIC",
+    "MAX_DEPTH",
     "MAX_EXTRA_DEPTH",
     "MAX_EXTRA_FIELDS",
+    "MAX_FRAME_SIZE_LIMIT",
     "MAX_ID_BYTES",
     "MAX_ITEMS",
     "MAX_REASON_BYTES",
@@ -92,6 +105,7 @@ __all__ = [
     "MIN_PROTOCOL_VERSION",
     "NEED_DATA",
     "PROTOCOL_VERSION",
+    "READ_ALLOWANCE",
     "SENDERS",
     "BadHeader",
     "Connection",

@@ -22,14 +22,8 @@ from imkit.errors import (
     TruncatedFrame,
     UnexpectedFrame,
 )
-from imkit.protocol._codec import (
-    BODY_DECODERS,
-    FRAME_ENCODERS,
-    check_header_prefix,
-    decompress,
-    frame_body,
-    parse_header,
-)
+from imkit.protocol._codec import BODY_DECODERS, FRAME_ENCODERS
+from imkit.protocol._header import check_header_prefix, decompress, frame_body, parse_header
 from imkit.protocol._limits import (
     DEFAULT_COMPRESS_THRESHOLD,
     DEFAULT_MAX_FRAME_SIZE,

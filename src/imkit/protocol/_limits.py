@@ -22,10 +22,10 @@ MAGIC: Final = 0xC1
 #: array"). It changes only if the framing itself changes, and a decoder refuses
 #: every framing version it does not know (no silent best effort). Message fields
 #: evolve without it: see PROTOCOL_VERSION.
-VERSION: Final = 1
+FRAMING_VERSION: Final = 1
 
 #: Magic and version read as one big-endian u16, compared in one step.
-MAGIC_VERSION: Final = (MAGIC << 8) | VERSION
+MAGIC_VERSION: Final = (MAGIC << 8) | FRAMING_VERSION
 
 #: Bytes 0-7: magic u8, version u8, frame type u8, flags u8, body length u32.
 #: A u32 length keeps the layout fixed whatever max_frame_size is set to; 8 bytes

@@ -1,18 +1,23 @@
 """Delivery state machines: :class:`ClientSession` and :class:`ServerSession` (floor 1).
 
-Sans-IO: message objects and ``now_ms`` in, a list of outputs out (wire messages
-to send, :class:`SessionEvent` objects for the application, :class:`CloseConnection`).
+Sans-IO: message objects and ``now_ms`` (the caller's monotonic clock) in, a list
+of outputs out (wire messages to send, :class:`SessionEvent` objects for the
+application, :class:`CloseConnection`).
 No clock, socket or thread anywhere; the caller drives the timers. Together they
 keep imkit's delivery contract: at-least-once on the wire, exactly once and in
-seq order to the application, nothing acknowledged ever lost. See
+seq order to the application, nothing acknowledged ever lost. Their limits are
+two frozen attrs values, :class:`ClientConfig` and :class:`ServerConfig`. See
 ``docs/session.md``.
 """
 
 from __future__ import annotations
 
-from imkit.session._client import (
+from imkit.session._client import ClientSession, initial_cid
+from imkit.session._common import ClientStats
+from imkit.session._config import (
     DEFAULT_GAP_DELAY_MS,
     DEFAULT_MAX_CONVERSATIONS,
+    DEFAULT_MAX_CURSORS,
     DEFAULT_MAX_HELD,
     DEFAULT_MAX_QUEUED,
     DEFAULT_MAX_SYNC_CONVS,
@@ -21,11 +26,9 @@ from imkit.session._client import (
     DEFAULT_SYNC_LIMIT,
     DEFAULT_SYNC_TIMEOUT_MS,
     DEFAULT_VERSION_FALLBACK_MS,
-    ClientSession,
-    ClientStats,
-    CursorLoader,
-    initial_cid,
+    ClientConfig,
 )
+from imkit.session._conversations import CursorLoader
 from imkit.session._events import (
     CloseConnection,
     ConnectionDead,
@@ -49,6 +52,7 @@ from imkit.session._limits import (
     DEFAULT_ACK_DELAY_MS,
     DEFAULT_CID_WINDOW,
     DEFAULT_FRAME_BURST,
+    DEFAULT_LOGIN_TIMEOUT_MS,
     DEFAULT_MAX_CID_SPAN,
     DEFAULT_MAX_FRAMES_PER_S,
     DEFAULT_MAX_IN_FLIGHT,
@@ -58,13 +62,14 @@ from imkit.session._limits import (
     pace_limits,
 )
 from imkit.session._server import (
-    DEFAULT_LOGIN_TIMEOUT_MS,
     DEFAULT_MAX_SYNC_LIMIT,
     DEFAULT_MAX_SYNCS_IN_FLIGHT,
     DEFAULT_MAX_TRACKED_PUSHES,
     DEFAULT_MAX_VIOLATIONS,
     DEFAULT_PUSH_RETRY,
     DEFAULT_QUOTA_RETRY_MS,
+    DEFAULT_RECONNECT_MAX_MS,
+    DEFAULT_RECONNECT_MIN_MS,
     DEFAULT_VIOLATION_WINDOW_MS,
     Authenticate,
     ResumeLookup,
@@ -92,6 +97,7 @@ __all__ = [
     "DEFAULT_LOGIN_TIMEOUT_MS",
     "DEFAULT_MAX_CID_SPAN",
     "DEFAULT_MAX_CONVERSATIONS",
+    "DEFAULT_MAX_CURSORS",
     "DEFAULT_MAX_FRAMES_PER_S",
     "DEFAULT_MAX_HELD",
     "DEFAULT_MAX_IN_FLIGHT",
@@ -107,6 +113,8 @@ __all__ = [
     "DEFAULT_PUSH_RETRY",
     "DEFAULT_QUOTA_RETRY_MS",
     "DEFAULT_RECONNECT",
+    "DEFAULT_RECONNECT_MAX_MS",
+    "DEFAULT_RECONNECT_MIN_MS",
     "DEFAULT_SEND_RETRY",
     "DEFAULT_SYNC_LIMIT",
     "DEFAULT_SYNC_TIMEOUT_MS",
@@ -114,6 +122,7 @@ __all__ = [
     "DEFAULT_VIOLATION_WINDOW_MS",
     "SERVER_TRANSITIONS",
     "Authenticate",
+    "ClientConfig",
     "ClientSession",
     "ClientState",
     "ClientStats",

@@ -1,33 +1,31 @@
 """The client half of the delivery contract: :class:`ClientSession`.
 
-One object per logged-in user device, alive across connections. It numbers
-sends with increasing cids and keeps them until acknowledged (resending with the
-same cid after a timeout or a reconnect), holds one
-:class:`~imkit.dedup.SeqWindow` per conversation so the application sees every
-message exactly once and in seq order, acknowledges pushes, pulls what it
-missed with sync requests, and times heartbeats. See ``docs/session.md``.
+One object per logged-in user device, alive across connections. It is the state
+machine (``_state.py``) that ties two parts on one timing wheel:
+
+* the **outbox** (``_outbox.py``): numbers sends with increasing cids and keeps
+  them until acknowledged (resending with the same cid after a timeout or a
+  reconnect), and paces every frame at the rate the server announced;
+* the **conversations** (``_conversations.py``): one
+  :class:`~imkit.dedup.SeqWindow` per conversation, so the application sees every
+  message exactly once and in seq order; push acks; sync requests for what it
+  missed.
+
+This module adds the login (version negotiation, the server's hints), the
+heartbeat and reconnect timing, and the dispatch of frames and timers. Its
+limits are a :class:`~imkit.session.ClientConfig`. See ``docs/session.md``.
 """
 
 from __future__ import annotations
 
 import random
-from collections import deque
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from imkit.dedup import SeqWindow, Verdict
-from imkit.errors import CapacityError, ConfigError, LocalProtocolError
-from imkit.policy import (
-    Backoff,
-    ExponentialBackoff,
-    HeartbeatAction,
-    HeartbeatPolicy,
-    HeartbeatTracker,
-    TokenBucket,
-)
+from imkit.errors import ConfigError, LocalProtocolError
+from imkit.policy import Backoff, HeartbeatAction, HeartbeatTracker
 from imkit.protocol import (
     MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
     Error,
     ErrorCode,
     Kick,
@@ -38,123 +36,43 @@ from imkit.protocol import (
     Ping,
     Pong,
     Push,
-    PushAck,
     PushBatch,
     Receipt,
     Send,
     SendAck,
-    SyncRequest,
     SyncResponse,
 )
+from imkit.session._common import (
+    GAP,
+    HB,
+    MAX_RETRY_HINT_MS,
+    SYNC,
+    ClientStats,
+    TimerItem,
+)
+from imkit.session._config import ClientConfig
+from imkit.session._conversations import Conversations, CursorLoader
 from imkit.session._events import (
     CloseConnection,
     ConnectionDead,
     Kicked,
     LoggedIn,
-    MessageReceived,
     Output,
     ReceiptReceived,
-    SendAcked,
-    SendFailed,
     ServerError,
     SessionEvent,
 )
-from imkit.session._limits import (
-    DEFAULT_ACK_DELAY_MS,
-    DEFAULT_FRAME_BURST,
-    DEFAULT_MAX_CID_SPAN,
-    DEFAULT_MAX_FRAMES_PER_S,
-    DEFAULT_MAX_IN_FLIGHT,
-    DEFAULT_PACE_BURST_PERCENT,
-    DEFAULT_PACE_RATE_PERCENT,
-    pace_limits,
-)
+from imkit.session._outbox import Outbox
 from imkit.session._state import ClientState, ClientTrigger, client_next
 from imkit.timingwheel import TimerHandle, TimingWheel
 
-__all__ = [
-    "DEFAULT_GAP_DELAY_MS",
-    "DEFAULT_LOGIN_TIMEOUT_MS",
-    "DEFAULT_MAX_CID_SPAN",
-    "DEFAULT_MAX_CONVERSATIONS",
-    "DEFAULT_MAX_HELD",
-    "DEFAULT_MAX_IN_FLIGHT",
-    "DEFAULT_MAX_QUEUED",
-    "DEFAULT_MAX_SYNC_CONVS",
-    "DEFAULT_RECONNECT",
-    "DEFAULT_SEND_RETRY",
-    "DEFAULT_SYNC_LIMIT",
-    "DEFAULT_SYNC_TIMEOUT_MS",
-    "DEFAULT_VERSION_FALLBACK_MS",
-    "ClientSession",
-    "ClientStats",
-    "CursorLoader",
-    "initial_cid",
-]
+__all__ = ["ClientSession", "initial_cid"]
 
-#: Sends waiting for a free in-flight slot (offline, or a burst): a long subway
-#: ride of typing; past it ``send()`` raises CapacityError and the app keeps the draft.
-DEFAULT_MAX_QUEUED = 1024
-#: Send retries: 2 s, 4 s, 8 s, 16 s after each transmission on a live connection,
-#: then give up (30 s after the first try, plus the last 16 s wait). Reconnects
-#: resend without counting: a lost connection is not a failed send.
-DEFAULT_SEND_RETRY = ExponentialBackoff(base_ms=2_000, cap_ms=16_000, max_attempts=4)
-#: Reconnect: full jitter between 0 and 0.5 s doubling to 30 s (AWS "Exponential
-#: Backoff And Jitter"); replaced by the server's ``LoginAck`` hints once logged in.
-DEFAULT_RECONNECT = Backoff(base_ms=500, cap_ms=30_000)
-#: Conversations with a SeqWindow: WeChat caps contacts at 10 000 and groups at a few
-#: hundred; past it an idle window is evicted (pass ``cursor_loader`` to restore it).
-DEFAULT_MAX_CONVERSATIONS = 10_000
-#: Cursors (conversation -> contiguous seq) of evicted windows, so a conversation that
-#: comes back resumes where it was instead of at 0 (which would deliver old messages
-#: twice). An int per conversation (~100 bytes): ten windows' worth per window slot.
-#: Past it the oldest cursor is forgotten (counted): pass ``cursor_loader`` for more.
-DEFAULT_MAX_CURSORS = 100_000
-#: Messages held per conversation while a gap is open (SeqWindow ``max_pending``):
-#: ten sync pages. Past it pushes are left unacknowledged and fetched by sync.
-DEFAULT_MAX_HELD = 1024
-#: Wait before syncing a gap: one TCP stream never reorders, but pushes of one
-#: conversation may come through two logic servers and the bus; 300 ms covers a
-#: bus hop (p99 of a few ms) with a wide margin without leaving a real gap open long.
-DEFAULT_GAP_DELAY_MS = 300
-#: Messages per conversation per sync page (the protocol's default ``limit``).
-DEFAULT_SYNC_LIMIT = 100
-#: A sync unanswered after 10 s is asked again (the server may have dropped it
-#: under quota); the heartbeat catches a dead link separately.
-DEFAULT_SYNC_TIMEOUT_MS = 10_000
-#: Conversations listed in one SyncRequest: 200 entries of ~30 bytes stay far
-#: below the 64 KiB frame limit.
-DEFAULT_MAX_SYNC_CONVS = 200
-#: Login must be answered within 10 s of connecting, else the connection is dead.
-DEFAULT_LOGIN_TIMEOUT_MS = 10_000
-#: After a server refused the version offer (an old server: PROTOCOL_ERROR before
-#: LoginAck), the client offers only version 1 for an hour: a rolling upgrade of a
-#: cluster takes minutes to an hour, and one refused login per client per hour is
-#: negligible load.
-DEFAULT_VERSION_FALLBACK_MS = 60 * 60_000
-
-#: A server's retry_after_ms hint is honoured up to 15 minutes: longer than any
-#: sane maintenance pause, short enough that a buggy or hostile hint cannot park a
-#: client for days (or overflow its timers: the wire allows up to 2**63 - 1 ms).
-MAX_RETRY_HINT_MS = 15 * 60_000
-
-#: ``cursor_loader(conv) -> seq``: the last seq of ``conv`` the application holds
-#: (0 if none); called when the session starts tracking a conversation.
-CursorLoader = Callable[[str], int]
-
-# timer kinds on the client's own wheel; an item is (kind, key)
-_HB, _SEND, _GAP, _SYNC, _HOLD, _PACE = range(6)
-
-# SendAck error codes after which the send is retried rather than failed
-_RETRYABLE = frozenset(
-    {ErrorCode.INTERNAL, ErrorCode.SERVER_BUSY, ErrorCode.RATE_LIMITED, ErrorCode.QUOTA_EXCEEDED}
-)
-# Error codes whose retry_after_ms holds new sends and due retries
-_HOLD_CODES = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.QUOTA_EXCEEDED, ErrorCode.SERVER_BUSY})
 # Kick codes after which reconnecting cannot help
 _FINAL_KICKS = frozenset({ErrorCode.AUTH_FAILED, ErrorCode.REPLACED})
 
 _MAX_WALL_MS = 1 << 42  # year 2109
+_DEFAULT_CONFIG = ClientConfig()
 
 
 def initial_cid(wall_ms: int, device_slot: int = 0) -> int:
@@ -172,66 +90,11 @@ def initial_cid(wall_ms: int, device_slot: int = 0) -> int:
     >>> initial_cid(0), initial_cid(1), initial_cid(1, device_slot=3)
     (1, 1048577, 1245185)
     """
-    if not 0 <= wall_ms < _MAX_WALL_MS:
-        raise ConfigError(f"wall_ms must be in [0, 2**42), got {wall_ms}")
-    if not 0 <= device_slot < 16:
-        raise ConfigError(f"device_slot must be in [0, 16), got {device_slot}")
+    if type(wall_ms) is not int or not 0 <= wall_ms < _MAX_WALL_MS:
+        raise ConfigError(f"wall_ms must be an int in [0, 2**42), got {wall_ms!r}")
+    if type(device_slot) is not int or not 0 <= device_slot < 16:
+        raise ConfigError(f"device_slot must be an int in [0, 16), got {device_slot!r}")
     return ((wall_ms << 4 | device_slot) << 16) + 1
-
-
-class ClientStats:
-    """Counters of a client session: every "ignored and counted" case lands here."""
-
-    __slots__ = (
-        "acks_coalesced",
-        "cursors_forgotten",
-        "duplicate_pushes",
-        "frames_ignored",
-        "pushes_dropped",
-        "resends",
-        "stale_sync_responses",
-        "sync_timeouts",
-        "unexpected_frames",
-        "unknown_acks",
-        "version_fallbacks",
-        "windows_evicted",
-    )
-
-    def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
-
-    def as_dict(self) -> dict[str, int]:
-        """All counters by name. O(counters)."""
-        return {name: getattr(self, name) for name in self.__slots__}
-
-    def __repr__(self) -> str:
-        return f"ClientStats({ {k: v for k, v in self.as_dict().items() if v} })"
-
-    duplicate_pushes: int
-    frames_ignored: int
-    pushes_dropped: int
-    resends: int
-    stale_sync_responses: int
-    sync_timeouts: int
-    unknown_acks: int
-    unexpected_frames: int
-    windows_evicted: int
-    cursors_forgotten: int
-    acks_coalesced: int
-    version_fallbacks: int
-
-
-class _Outgoing:
-    """A transmitted, unacknowledged send."""
-
-    __slots__ = ("handle", "msg", "retries", "sent")
-
-    def __init__(self, msg: Send) -> None:
-        self.msg = msg
-        self.retries = 0  # timer-driven retransmissions on a live connection
-        self.sent = 0  # transmissions in all (first, retries, reconnect resends)
-        self.handle: TimerHandle[tuple[int, Any]] | None = None
 
 
 class ClientSession:
@@ -243,6 +106,7 @@ class ClientSession:
     :meth:`send` / :meth:`mark_read` / :meth:`sync` for the application. Each call
     returns outputs in order: wire messages (send them), events (for the
     application) and :class:`~imkit.session.CloseConnection` (close the transport).
+    Every ``now_ms`` is the caller's monotonic clock.
 
     Guarantees (given a server that keeps the protocol): every message of a
     conversation is handed to the application once, in seq order
@@ -250,11 +114,13 @@ class ClientSession:
     :class:`~imkit.session.SendAcked` or :class:`~imkit.session.SendFailed`
     (unless the session is closed first); a resend always carries the same cid.
 
-    ``first_cid`` defaults to :func:`initial_cid` of ``now_ms`` -- right only if
-    ``now_ms`` is wall-clock milliseconds; otherwise pass
-    ``initial_cid(wall_ms)``. ``rng`` supplies the jitter of reconnects and pings
-    (seed it in tests). Costs: a push O(1) (O(log held) when out of order), a send
-    O(1), a sync page O(messages).
+    ``first_cid`` is where this session's cids start: :func:`initial_cid` of the
+    wall clock (a monotonic clock would repeat the cids of an earlier session).
+    ``config`` holds every limit and timing (:class:`~imkit.session.ClientConfig`;
+    default: all defaults). ``cursor_loader(conv)`` restores an evicted
+    conversation's cursor from the application. ``rng`` supplies the jitter of
+    reconnects and pings (seed it in tests). Costs: a push O(1) (O(log held) when
+    out of order), a send O(1), a sync page O(messages).
     """
 
     def __init__(
@@ -263,66 +129,21 @@ class ClientSession:
         token: str,
         device: str,
         now_ms: int,
-        first_cid: int | None = None,
-        heartbeat: HeartbeatPolicy | None = None,
-        send_retry: ExponentialBackoff | Backoff = DEFAULT_SEND_RETRY,
-        reconnect: Backoff = DEFAULT_RECONNECT,
-        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-        max_queued: int = DEFAULT_MAX_QUEUED,
-        max_cid_span: int = DEFAULT_MAX_CID_SPAN,
-        max_conversations: int = DEFAULT_MAX_CONVERSATIONS,
-        max_held: int = DEFAULT_MAX_HELD,
-        gap_delay_ms: int = DEFAULT_GAP_DELAY_MS,
-        sync_limit: int = DEFAULT_SYNC_LIMIT,
-        sync_timeout_ms: int = DEFAULT_SYNC_TIMEOUT_MS,
-        max_sync_convs: int = DEFAULT_MAX_SYNC_CONVS,
-        login_timeout_ms: int = DEFAULT_LOGIN_TIMEOUT_MS,
+        first_cid: int,
+        config: ClientConfig | None = None,
         cursor_loader: CursorLoader | None = None,
-        max_cursors: int = DEFAULT_MAX_CURSORS,
-        max_version: int = PROTOCOL_VERSION,
-        version_fallback_ms: int = DEFAULT_VERSION_FALLBACK_MS,
-        pace_rate_percent: int = DEFAULT_PACE_RATE_PERCENT,
-        pace_burst_percent: int = DEFAULT_PACE_BURST_PERCENT,
-        ack_delay_ms: int = DEFAULT_ACK_DELAY_MS,
         rng: random.Random | None = None,
     ) -> None:
-        for name, value in (
-            ("max_in_flight", max_in_flight),
-            ("max_queued", max_queued),
-            ("max_cid_span", max_cid_span),
-            ("max_conversations", max_conversations),
-            ("max_cursors", max_cursors),
-            ("max_held", max_held),
-            ("sync_limit", sync_limit),
-            ("sync_timeout_ms", sync_timeout_ms),
-            ("max_sync_convs", max_sync_convs),
-            ("login_timeout_ms", login_timeout_ms),
-        ):
-            if value < 1:
-                raise ConfigError(f"{name} must be >= 1, got {value}")
-        if gap_delay_ms < 0:
-            raise ConfigError(f"gap_delay_ms must be >= 0, got {gap_delay_ms}")
-        if ack_delay_ms < 0 or version_fallback_ms < 0:
-            raise ConfigError("ack_delay_ms and version_fallback_ms must be >= 0")
-        if not MIN_PROTOCOL_VERSION <= max_version <= PROTOCOL_VERSION:
-            raise ConfigError(
-                f"max_version must be in [{MIN_PROTOCOL_VERSION}, {PROTOCOL_VERSION}], "
-                f"got {max_version}"
-            )
-        for name, value in (
-            ("pace_rate_percent", pace_rate_percent),
-            ("pace_burst_percent", pace_burst_percent),
-        ):
-            if not 1 <= value <= 100:
-                raise ConfigError(f"{name} must be in [1, 100], got {value}")
-        if max_cid_span < max_in_flight:
-            raise ConfigError("max_cid_span must be >= max_in_flight")
-        if not token or not device:
-            raise ConfigError("token and device must not be empty")
-        if first_cid is None:
-            first_cid = initial_cid(now_ms)
-        if not 1 <= first_cid < 2**63 - 2**32:
-            raise ConfigError(f"first_cid must be in [1, 2**63 - 2**32), got {first_cid}")
+        cfg = config if config is not None else _DEFAULT_CONFIG
+        if not isinstance(cfg, ClientConfig):
+            raise ConfigError(f"config must be a ClientConfig, got {cfg!r}")
+        if not isinstance(token, str) or not token or not isinstance(device, str) or not device:
+            raise ConfigError("token and device must be non-empty strings")
+        if type(now_ms) is not int:
+            raise ConfigError(f"now_ms must be an int, got {now_ms!r}")
+        if type(first_cid) is not int or not 1 <= first_cid < 2**63 - 2**32:
+            raise ConfigError(f"first_cid must be an int in [1, 2**63 - 2**32), got {first_cid!r}")
+        self.config = cfg
         self.token = token
         self.device = device
         self.state = ClientState.DISCONNECTED
@@ -330,81 +151,40 @@ class ClientSession:
         self.uid = ""
         self.resume_id = ""
         self.stats = ClientStats()
-        self._next_cid = first_cid
         self._rng = rng if rng is not None else random.Random()
-        self._wheel: TimingWheel[tuple[int, Any]] = TimingWheel(start_ms=max(now_ms, 0))
-        self._hb_policy = heartbeat if heartbeat is not None else HeartbeatPolicy()
-        self._hb = HeartbeatTracker(self._hb_policy, now_ms=now_ms)
-        self._hb_handle: TimerHandle[tuple[int, Any]] | None = None
-        self._connected_ms = now_ms
-        self._ping_nonce = 0
-        self._send_retry = send_retry
-        # without jitter the first delay is a constant: skip the policy call per send
-        self._first_retry_ms = (
-            send_retry.delay_ms(0) if isinstance(send_retry, ExponentialBackoff) else None
+        self._wheel: TimingWheel[TimerItem] = TimingWheel(start_ms=max(now_ms, 0))
+        self._outbox = Outbox(
+            cfg,
+            first_cid=first_cid,
+            wheel=self._wheel,
+            stats=self.stats,
+            rng=self._rng,
+            now_ms=now_ms,
         )
-        self._reconnect_default = reconnect
-        self._reconnect = reconnect
+        self._convs = Conversations(
+            cfg, wheel=self._wheel, stats=self.stats, cursor_loader=cursor_loader
+        )
+        self._hb_policy = cfg.heartbeat
+        self._hb = HeartbeatTracker(self._hb_policy, now_ms=now_ms)
+        self._hb_handle: TimerHandle[TimerItem] | None = None
+        self._connected_ms = now_ms
+        self._login_timeout_ms = cfg.login_timeout_ms
+        self._ping_nonce = 0
+        self._reconnect = cfg.reconnect
         self._reconnects = 0
         self._retry_hint_ms = 0
-        self._hold_until_ms = now_ms
-        self._hold_handle: TimerHandle[tuple[int, Any]] | None = None
-        self._max_in_flight = max_in_flight
-        # lowered to the quota a server announced (kept across reconnects: the
-        # resends pipelined after the next Login must fit it too)
-        self._flight_cap = max_in_flight
         # protocol version: offered range [MIN_PROTOCOL_VERSION, offer], negotiated one
         self.version = MIN_PROTOCOL_VERSION
-        self._max_version = max_version
+        self._max_version = cfg.max_version
         self._offered = MIN_PROTOCOL_VERSION
-        self._version_fallback_ms = version_fallback_ms
+        self._version_fallback_ms = cfg.version_fallback_ms
         self._fallback_until_ms: int | None = None
-        # pacing: every frame after Login takes a token of this connection's bucket
-        self._pace_rate_percent = pace_rate_percent
-        self._pace_burst_percent = pace_burst_percent
-        self._ack_delay_ms = ack_delay_ms
-        self._pacer: TokenBucket | None = None
-        # (max_frames_per_s, frame_burst) the last server announced
-        self._announced = (DEFAULT_MAX_FRAMES_PER_S, DEFAULT_FRAME_BURST)
-        self._paced = 0  # frames paid for on this connection
-        self._held: deque[Message] = deque()  # frames waiting for a token, in order
-        self._acks_due: dict[str, int] = {}  # conv -> cumulative ack waiting
-        self._singles_due: dict[tuple[str, int], None] = {}  # single acks waiting
-        self._acks_since_ms = now_ms  # when the oldest waiting ack became due
-        self._receipts_due: dict[str, int] = {}  # conv -> read receipt waiting
-        self._pump_blocked = False  # the queue waits for tokens, not for the window
-        self._pace_handle: TimerHandle[tuple[int, Any]] | None = None
-        self._max_queued = max_queued
-        self._max_cid_span = max_cid_span
-        self._max_conversations = max_conversations
-        self._max_held = max_held
-        self._gap_delay_ms = gap_delay_ms
-        self._sync_limit = sync_limit
-        self._sync_timeout_ms = sync_timeout_ms
-        self._max_sync_convs = max_sync_convs
-        self._login_timeout_ms = login_timeout_ms
-        self._cursor_loader = cursor_loader
-        self._max_cursors = max_cursors
-        self._cursors: dict[str, int] = {}  # evicted windows' contiguous seqs, oldest first
-        self._queue: deque[Send] = deque()
-        self._in_flight: dict[int, _Outgoing] = {}
-        self._windows: dict[str, SeqWindow[Push]] = {}
-        self._gap: dict[str, TimerHandle[tuple[int, Any]]] = {}
-        self._sync_inbox = False  # an inbox sync (after=()) is wanted
-        self._sync_wanted: dict[str, None] = {}  # conversations to sync (ordered set)
-        # conversations to sync that had no free window (bounded by max_conversations)
-        self._deferred: dict[str, None] = {}
-        self._inbox_after_deferred = False
-        self._sync_req: int | None = None  # the outstanding request
-        self._sync_after: dict[str, int] | None = None  # its listed cursors; None: inbox
-        self._sync_handle: TimerHandle[tuple[int, Any]] | None = None
-        self._next_req_id = 1
 
     def __repr__(self) -> str:
         return (
             f"<ClientSession {self.device} {self.state.value} uid={self.uid!r} "
-            f"in_flight={len(self._in_flight)} queued={len(self._queue)} "
-            f"conversations={len(self._windows)}>"
+            f"in_flight={len(self._outbox.in_flight)} queued={len(self._outbox.queue)} "
+            f"conversations={len(self._convs.windows)}>"
         )
 
     # -- queries -----------------------------------------------------------------------
@@ -417,30 +197,29 @@ class ClientSession:
     @property
     def next_cid(self) -> int:
         """The cid the next :meth:`send` will use. O(1)."""
-        return self._next_cid
+        return self._outbox.next_cid
 
     @property
     def in_flight(self) -> int:
         """Sends transmitted and not yet acknowledged. O(1)."""
-        return len(self._in_flight)
+        return len(self._outbox.in_flight)
 
     @property
     def queued(self) -> int:
         """Sends waiting for an in-flight slot or a connection. O(1)."""
-        return len(self._queue)
+        return len(self._outbox.queue)
 
     def unacknowledged(self) -> list[Send]:
         """Every send without an answer yet (in flight, then queued), in cid order. O(n)."""
-        return [e.msg for e in self._in_flight.values()] + list(self._queue)
+        return self._outbox.unacknowledged()
 
     def contiguous(self, conv: str) -> int | None:
         """The last seq of ``conv`` delivered with nothing missing, or None if untracked. O(1)."""
-        w = self._windows.get(conv)
-        return None if w is None else w.contiguous
+        return self._convs.contiguous(conv)
 
     def conversations(self) -> list[str]:
         """The conversations with a SeqWindow. O(n)."""
-        return list(self._windows)
+        return list(self._convs.windows)
 
     def next_deadline_ms(self) -> int | None:
         """When :meth:`tick` next has something to do (None: nothing timed). O(levels)."""
@@ -458,7 +237,6 @@ class ClientSession:
         self._go(ClientTrigger.CONNECTION_MADE)
         self._connected_ms = now_ms
         self._hb.reset(now_ms, policy=self._hb_policy, rand=self._rng.random())
-        self._hold_until_ms = now_ms
         self.version = MIN_PROTOCOL_VERSION
         offer = self._max_version
         if self._fallback_until_ms is not None:
@@ -467,11 +245,6 @@ class ClientSession:
             else:
                 self._fallback_until_ms = None
         self._offered = offer
-        # until this server announces its limits, pace for what the last one
-        # announced (the servers of a cluster share a config), or for the defaults
-        rate, burst = self._pace_rate(*self._announced)
-        self._pacer = TokenBucket(rate_per_s=rate, burst=burst, now_ms=now_ms)
-        self._paced = 0
         out: list[Output] = [
             Login(
                 token=self.token,
@@ -480,25 +253,10 @@ class ClientSession:
                 max_version=offer,  # a Login offering only 1 is version 1's Login
             )
         ]
-        wheel = self._wheel
-        for cid, e in self._in_flight.items():
-            e.sent += 1
-            self.stats.resends += 1
-            e.handle = wheel.add(now_ms + self._retry_ms(e.retries), (_SEND, cid))
-            out.append(e.msg)
-        self._pump(now_ms, out)
-        self._sync_inbox = True
-        self._maybe_sync(now_ms, out)
+        self._outbox.connect(now_ms, out)
+        self._convs.connect(now_ms, out)
         self._arm_hb()
         return self._flush(now_ms, out)
-
-    def _pace_rate(self, max_frames_per_s: int, frame_burst: int) -> tuple[int, int]:
-        return pace_limits(
-            max_frames_per_s,
-            frame_burst,
-            rate_percent=self._pace_rate_percent,
-            burst_percent=self._pace_burst_percent,
-        )
 
     def connection_lost(self, now_ms: int) -> list[Output]:
         """The transport is gone: stop every timer; keep sends and windows. O(in flight).
@@ -510,34 +268,10 @@ class ClientSession:
         return []
 
     def _drop_connection(self) -> None:
-        for e in self._in_flight.values():
-            if e.handle is not None:
-                e.handle.cancel()
-                e.handle = None
-        for h in self._gap.values():
-            h.cancel()
-        self._gap.clear()
-        self._sync_wanted.clear()
-        self._deferred.clear()  # the inbox sync of the next connection covers them
-        self._inbox_after_deferred = False
-        self._sync_inbox = False
-        self._sync_req = None
-        self._sync_after = None
-        if self._sync_handle is not None:
-            self._sync_handle.cancel()
-            self._sync_handle = None
+        self._outbox.drop()
+        self._convs.drop()
         if self._hb_handle is not None:
             self._hb_handle.cancel()
-        if self._hold_handle is not None:
-            self._hold_handle.cancel()
-        self._pacer = None
-        self._held.clear()
-        self._acks_due.clear()
-        self._singles_due.clear()
-        self._receipts_due.clear()
-        self._pump_blocked = False
-        if self._pace_handle is not None:
-            self._pace_handle.cancel()
 
     def reconnect_delay_ms(self) -> int:
         """How long to wait before the next connection attempt (full jitter). O(1).
@@ -558,36 +292,29 @@ class ClientSession:
         was_connected = self.connected
         self._go(ClientTrigger.CLOSE)
         self._drop_connection()
-        self._queue_to_front()
+        self._outbox.close()
         return [CloseConnection(code=ErrorCode.OK, reason="closed")] if was_connected else []
-
-    def _queue_to_front(self) -> None:
-        # in-flight sends go back to the queue so that unacknowledged() stays whole
-        if self._in_flight:
-            self._queue.extendleft(reversed([e.msg for e in self._in_flight.values()]))
-            self._in_flight.clear()
 
     # -- application -------------------------------------------------------------------
 
-    def send(self, conv: str, body: bytes, now_ms: int) -> tuple[int, list[Output]]:
+    def send(
+        self, conv: str, body: bytes, now_ms: int, *, wall_ms: int = 0
+    ) -> tuple[int, list[Output]]:
         """Queue a message for ``conv``; return its cid and the frames to send now. O(1).
 
-        The send is transmitted at once if connected and the in-flight window has
-        room, else when it does. Raises CapacityError when ``max_queued`` sends
-        wait already, LocalProtocolError after :meth:`close`.
+        ``wall_ms`` (optional) is the wall-clock time of the send, carried to the
+        server as ``Send.client_ms`` (0: not given). The send is transmitted at once
+        if connected and the in-flight window has room, else when it does. Raises
+        CapacityError when ``max_queued`` sends wait already, LocalProtocolError
+        after :meth:`close`.
         """
         if self.state is ClientState.CLOSED:
             raise LocalProtocolError("send() on a closed session")
         if not conv:
             raise ConfigError("conv must not be empty")
-        if len(self._queue) >= self._max_queued:
-            raise CapacityError("max_queued", self._max_queued, "too many unsent messages")
-        cid = self._next_cid
-        self._next_cid = cid + 1
-        self._queue.append(Send(cid=cid, conv=conv, body=body, client_ms=now_ms))
         out: list[Output] = []
+        cid = self._outbox.send(conv, body, now_ms, wall_ms, out)
         if self._live:
-            self._pump(now_ms, out)
             return cid, self._flush(now_ms, out)
         return cid, out
 
@@ -602,14 +329,9 @@ class ClientSession:
 
         Only moves forward: a tracked conversation whose cursor is beyond ``seq``
         is left alone. Use before connecting, with cursors from local storage.
+        CapacityError when ``max_conversations`` windows are busy.
         """
-        w = self._windows.get(conv)
-        if w is None:
-            w = self._new_window(conv, seq)
-            if w is None:
-                raise CapacityError("max_conversations", self._max_conversations)
-        elif seq > w.contiguous:
-            w.skip_to(seq)
+        self._convs.set_cursor(conv, seq)
 
     def sync(self, now_ms: int, convs: Iterable[str] | None = None) -> list[Output]:
         """Ask the server for what came after our cursors (``None``: every conversation).
@@ -620,13 +342,8 @@ class ClientSession:
         """
         if not self._live:
             return []
-        if convs is None:
-            self._sync_inbox = True
-        else:
-            for conv in convs:
-                self._want(conv)
         out: list[Output] = []
-        self._maybe_sync(now_ms, out)
+        self._convs.sync(now_ms, convs, out)
         return self._flush(now_ms, out)
 
     # -- frames ------------------------------------------------------------------------
@@ -652,141 +369,16 @@ class ClientSession:
         handler(self, message, now_ms, out)
         return self._flush(now_ms, out)
 
-    # -- pacing: the one way out for frames ---------------------------------------------
-
     def _flush(self, now_ms: int, out: list[Output]) -> list[Output]:
-        """Pass the frames of ``out`` through the pacer; return what to act on now.
-
-        Every frame after Login takes a token of this connection's bucket (the
-        server's announced rate and burst, scaled down by the pace margins). A frame
-        without a token waits in order (``_held``) and the pace timer says when to
-        call :meth:`tick` again. Push acks and read receipts are coalesced per
-        conversation while they wait. Events pass unchanged. O(len(out)) plus the
-        frames released.
-        """
-        if not self._live or self._pacer is None:
+        """Pass ``out`` through the outbox's pacer; note outgoing traffic for the heartbeat."""
+        if not self._live:
             return out
-        result: list[Output] = []
-        for o in out:
-            if isinstance(o, SessionEvent):  # CloseConnection included
-                result.append(o)
-            else:
-                self._pace_one(o, now_ms, result)
-        self._drain(now_ms, result)
+        result = self._outbox.flush(now_ms, out)
         for o in result:
             if not isinstance(o, SessionEvent):
                 self._hb.on_sent(now_ms)  # outgoing traffic, for the heartbeat
                 break
         return result
-
-    def _pace_one(self, m: Message, now_ms: int, result: list[Output]) -> None:
-        """Send ``m`` now if it has a token and nothing waits before it; else hold it."""
-        t = type(m)
-        if t is PushAck:
-            assert isinstance(m, PushAck)
-            if not self._acks_due and not self._singles_due:
-                self._acks_since_ms = now_ms
-            if m.cumulative:
-                if m.seq > self._acks_due.get(m.conv, 0):
-                    self._acks_due[m.conv] = m.seq
-            else:
-                self._singles_due[m.conv, m.seq] = None
-            return
-        if t is Receipt:
-            assert isinstance(m, Receipt)
-            if m.seq > self._receipts_due.get(m.conv, -1):
-                self._receipts_due[m.conv] = m.seq
-            return
-        if t is Login:
-            result.append(m)  # before login: the server's bucket does not count it
-            return
-        pacer = self._pacer
-        assert pacer is not None
-        if not self._held and pacer.take(now_ms):
-            self._paced += 1
-            result.append(m)
-        else:
-            self._held.append(m)
-
-    def _drain(self, now_ms: int, result: list[Output]) -> None:
-        """Release waiting frames while tokens last: acks, receipts, held frames, queue.
-
-        Acks go first (they let the server stop tracking pushes), at once while the
-        budget holds more than half its burst, else once they waited
-        ``ack_delay_ms`` (coalescing meanwhile). Then re-arm the pace timer for
-        whatever still waits. O(frames released + conversations waiting).
-        """
-        pacer = self._pacer
-        assert pacer is not None
-        if self._acks_due or self._singles_due:
-            half = pacer.burst // 2 + 1
-            if (
-                now_ms >= self._acks_since_ms + self._ack_delay_ms
-                or pacer.retry_after_ms(now_ms, half) == 0
-            ):
-                self._release_acks(now_ms, result)
-        if self._receipts_due:
-            receipts = self._receipts_due
-            while receipts and pacer.take(now_ms):
-                conv = next(iter(receipts))
-                self._paced += 1
-                result.append(Receipt(conv=conv, seq=receipts.pop(conv)))
-        held = self._held
-        while held and pacer.take(now_ms):
-            self._paced += 1
-            result.append(held.popleft())
-        if self._pump_blocked and not held and self._queue:
-            more: list[Output] = []
-            self._pump(now_ms, more)
-            for m in more:
-                assert not isinstance(m, SessionEvent)
-                self._pace_one(m, now_ms, result)
-        self._arm_pace(now_ms)
-
-    def _release_acks(self, now_ms: int, result: list[Output]) -> None:
-        """Write the waiting acks, each conversation's as few frames as possible."""
-        pacer = self._pacer
-        assert pacer is not None
-        cumulative = self._acks_due
-        singles = self._singles_due
-        for key in list(singles):
-            conv, seq = key
-            if cumulative.get(conv, 0) >= seq:
-                del singles[key]  # a cumulative ack covers it
-                self.stats.acks_coalesced += 1
-                continue
-            if not pacer.take(now_ms):
-                return
-            del singles[key]
-            self._paced += 1
-            result.append(PushAck(conv=conv, seq=seq, cumulative=False))
-        while cumulative and pacer.take(now_ms):
-            conv = next(iter(cumulative))
-            self._paced += 1
-            result.append(PushAck(conv=conv, seq=cumulative.pop(conv)))
-        if not cumulative and not singles:
-            self._acks_since_ms = now_ms
-
-    def _arm_pace(self, now_ms: int) -> None:
-        """Arm the pace timer for the earliest moment something waiting may go. O(1)."""
-        pacer = self._pacer
-        assert pacer is not None
-        due: int | None = None
-        if self._held or self._receipts_due or (self._pump_blocked and self._queue):
-            due = now_ms + max(1, pacer.retry_after_ms(now_ms))
-        if self._acks_due or self._singles_due:
-            ack_due = max(
-                self._acks_since_ms + self._ack_delay_ms,
-                now_ms + max(1, pacer.retry_after_ms(now_ms)),
-            )
-            due = ack_due if due is None else min(due, ack_due)
-        if due is None:
-            if self._pace_handle is not None:
-                self._pace_handle.cancel()
-        elif self._pace_handle is None:
-            self._pace_handle = self._wheel.add(due, (_PACE, 0))
-        else:
-            self._pace_handle.reschedule(due)
 
     def _on_login_ack(self, m: LoginAck, now_ms: int, out: list[Output]) -> None:
         if self.state is not ClientState.LOGGING_IN:
@@ -798,15 +390,7 @@ class ClientSession:
         # a server never picks above the offer; one that does is held to the offer
         self.version = max(MIN_PROTOCOL_VERSION, min(m.version, self._offered))
         if self.version >= 2:
-            if m.max_frames_per_s > 0 and m.frame_burst > 0:
-                self._announced = (m.max_frames_per_s, m.frame_burst)
-                rate, burst = self._pace_rate(m.max_frames_per_s, m.frame_burst)
-                pacer = TokenBucket(rate_per_s=rate, burst=burst, now_ms=now_ms)
-                # the frames sent since Login count against the server's bucket too
-                pacer.take(now_ms, min(self._paced, burst))
-                self._pacer = pacer
-            if m.max_sends_in_flight > 0:
-                self._flight_cap = min(self._max_in_flight, m.max_sends_in_flight)
+            self._outbox.logged_in(m, now_ms)
         if m.heartbeat_ms > 0:
             self._hb_policy = self._hb_policy.with_interval(m.heartbeat_ms)
         self._hb.reset(now_ms, policy=self._hb_policy, rand=self._rng.random())
@@ -820,157 +404,19 @@ class ClientSession:
         pass  # receive() already counted the traffic
 
     def _on_send_ack(self, m: SendAck, now_ms: int, out: list[Output]) -> None:
-        e = self._in_flight.get(m.cid)
-        if e is None or e.msg.conv != m.conv:
-            self.stats.unknown_acks += 1  # not (an answer to) a send of ours
-            return
-        if not m.error:
-            del self._in_flight[m.cid]
-            if e.handle is not None:
-                e.handle.cancel()
-            out.append(
-                SendAcked(
-                    cid=m.cid, conv=e.msg.conv, seq=m.seq, msg_id=m.msg_id, server_ms=m.server_ms
-                )
-            )
-            if self._queue:
-                self._pump(now_ms, out)
-            return
-        elif m.error in _RETRYABLE and not self._send_retry.exhausted(e.retries):
-            # the server did not take it: resend after the back-off (a retry), or
-            # after the server's hint if that is later
-            assert e.handle is not None
-            hint = min(m.retry_after_ms, MAX_RETRY_HINT_MS)
-            e.handle.reschedule(now_ms + max(self._retry_ms(e.retries), hint))
-            return
-        else:
-            self._settle(e)
-            out.append(SendFailed(cid=m.cid, conv=e.msg.conv, code=m.error, attempts=e.sent))
-        self._pump(now_ms, out)
+        self._outbox.on_send_ack(m, now_ms, out)
 
-    def _settle(self, e: _Outgoing) -> None:
-        del self._in_flight[e.msg.cid]
-        if e.handle is not None:
-            e.handle.cancel()
-
-    def _on_push(self, p: Push, now_ms: int, out: list[Output]) -> None:
-        # the common case, kept apart from _on_pushes for speed; same rules
-        seq = p.seq
-        conv = p.conv
-        w = self._windows.get(conv)
-        if w is None or seq < 1:
-            self._on_pushes((p,), now_ms, out)
-            return
-        if not self._offer(w, p, out):
-            return
-        held = seq > w.contiguous
-        out.append(PushAck(conv=conv, seq=seq, cumulative=not held))
-        if held or conv in self._gap:
-            self._watch_gap(conv, w, now_ms)
-
-    def _offer(self, w: SeqWindow[Push], p: Push, out: list[Output]) -> bool:
-        """Offer one message to its window and deliver what it releases. O(1) in order.
-
-        Returns False if it was dropped (unacknowledged: the server retries, or a
-        sync fetches it). The window has ``max_held + 1`` places and keeps its last
-        one for the message that closes the gap, so early messages may fill
-        ``max_held`` and the gap-closer is always accepted.
-        """
-        seq = p.seq
-        try:
-            verdict = w.offer(seq, p)
-        except CapacityError:  # an early push past max_held
-            self.stats.pushes_dropped += 1
-            return False
-        if verdict is not Verdict.NEW:
-            self.stats.duplicate_pushes += 1
-        elif seq <= w.contiguous:
-            for _, push in w.pop_ready():
-                out.append(MessageReceived(push=push))
-        return True
+    def _on_push(self, m: Push, now_ms: int, out: list[Output]) -> None:
+        self._convs.on_push(m, now_ms, out)
 
     def _on_push_batch(self, m: PushBatch, now_ms: int, out: list[Output]) -> None:
-        self._on_pushes(m.pushes, now_ms, out)
-
-    def _on_pushes(self, pushes: Iterable[Push], now_ms: int, out: list[Output]) -> None:
-        touched: dict[str, SeqWindow[Push]] = {}
-        accepted: list[Push] = []
-        stats = self.stats
-        for p in pushes:
-            if p.seq < 1:
-                stats.unexpected_frames += 1  # seqs start at 1; 0 is a broken server
-                continue
-            conv = p.conv
-            w = touched.get(conv)
-            if w is None:
-                w = self._window(conv)
-                if w is None:
-                    stats.pushes_dropped += 1  # unacked: the server retries, we sync later
-                    self._want(conv)
-                    continue
-                touched[conv] = w
-            if self._offer(w, p, out):
-                accepted.append(p)
-        # Ack: cumulatively up to the highest pushed seq we hold contiguously (never
-        # above what this connection pushed), singly for pushes held beyond a gap.
-        cumulative: dict[str, int] = {}
-        for p in accepted:
-            if p.seq <= touched[p.conv].contiguous:
-                if p.seq > cumulative.get(p.conv, 0):
-                    cumulative[p.conv] = p.seq
-            else:
-                out.append(PushAck(conv=p.conv, seq=p.seq, cumulative=False))
-        for conv, seq in cumulative.items():
-            out.append(PushAck(conv=conv, seq=seq))
-        for conv, w in touched.items():
-            self._watch_gap(conv, w, now_ms)
+        self._convs.on_push_batch(m, now_ms, out)
 
     def _on_sync_response(self, m: SyncResponse, now_ms: int, out: list[Output]) -> None:
-        listed: dict[str, int] | None = None
-        if m.req_id == self._sync_req:
-            listed = self._sync_after if self._sync_after is not None else {}
-            self._sync_req = None
-            self._sync_after = None
-            if self._sync_handle is not None:
-                self._sync_handle.cancel()
-                self._sync_handle = None
-        else:
-            self.stats.stale_sync_responses += 1  # still useful: offer without skipping
-            listed = {}
-        touched: dict[str, SeqWindow[Push]] = {}
-        for page in m.pages:
-            conv = page.conv
-            w = self._window(conv)
-            if w is None:
-                self.stats.pushes_dropped += len(page.messages)
-                self._want(conv)  # synced again once a window is free
-                continue
-            touched[conv] = w
-            # skip_to is only sound for a conversation we listed: the page then holds
-            # every message after our cursor at request time, in seq order.
-            skip = conv in listed
-            for p in page.messages:
-                if p.conv != conv or p.seq < 1:
-                    self.stats.unexpected_frames += 1
-                    continue
-                if skip and p.seq - 1 > w.contiguous:
-                    w.skip_to(p.seq - 1)
-                    for _, push in w.pop_ready():  # held messages the skip released
-                        out.append(MessageReceived(push=push))
-                if not self._offer(w, p, out):
-                    skip = False  # the rest is no longer "right after" what we hold
-            if page.more:
-                self._sync_wanted[conv] = None
-        for conv, w in touched.items():
-            self._watch_gap(conv, w, now_ms)
-        self._maybe_sync(now_ms, out)
+        self._convs.on_sync_response(m, now_ms, out)
 
     def _on_notify(self, m: Notify, now_ms: int, out: list[Output]) -> None:
-        for conv, seq in m.entries:
-            w = self._windows.get(conv)
-            if w is None or seq > w.contiguous:
-                self._want(conv)
-        self._maybe_sync(now_ms, out)
+        self._convs.on_notify(m, now_ms, out)
 
     def _on_receipt(self, m: Receipt, now_ms: int, out: list[Output]) -> None:
         out.append(ReceiptReceived(receipt=m))
@@ -1007,15 +453,8 @@ class ClientSession:
     def _on_error(self, m: Error, now_ms: int, out: list[Output]) -> None:
         out.append(ServerError(code=m.code, reason=m.reason, retry_after_ms=m.retry_after_ms))
         self._refused_offer(m.code, now_ms)
-        if m.code in _HOLD_CODES and m.retry_after_ms > 0:
-            # hold new sends and due retries until the server is ready again
-            until = now_ms + min(m.retry_after_ms, MAX_RETRY_HINT_MS)
-            if until > self._hold_until_ms:
-                self._hold_until_ms = until
-                if self._hold_handle is None:
-                    self._hold_handle = self._wheel.add(until, (_HOLD, 0))
-                else:
-                    self._hold_handle.reschedule(until)
+        # a quota code holds new sends and due retries until the server is ready again
+        self._outbox.hold(m.code, m.retry_after_ms, now_ms)
         if m.code in (ErrorCode.SERVER_BUSY, ErrorCode.SHUTDOWN):
             self._retry_hint_ms = min(max(0, m.retry_after_ms), MAX_RETRY_HINT_MS)
 
@@ -1026,170 +465,13 @@ class ClientSession:
         self.state = state = client_next(self.state, trigger)
         self._live = state is ClientState.LOGGING_IN or state is ClientState.READY
 
-    def _retry_ms(self, retries: int) -> int:
-        if retries == 0 and self._first_retry_ms is not None:
-            return self._first_retry_ms
-        return self._send_retry.delay_ms(retries, self._rng.random())
-
-    def _pump(self, now_ms: int, out: list[Output]) -> None:
-        """Move queued sends into flight while the window allows. O(moved)."""
-        queue = self._queue
-        if not queue or not self._live or now_ms < self._hold_until_ms:
-            return
-        in_flight = self._in_flight
-        wheel = self._wheel
-        first = self._retry_ms(0)
-        # no more sends than tokens: a send waiting for a token waits in the queue,
-        # where its retry timer does not run
-        pacer = self._pacer
-        budget = len(queue)
-        if pacer is not None:
-            pacer.retry_after_ms(now_ms)  # refill
-            budget = int(pacer.tokens) - len(self._held)
-        self._pump_blocked = False
-        cap = self._flight_cap
-        while queue and len(in_flight) < cap:
-            msg = queue[0]
-            if in_flight and msg.cid - next(iter(in_flight)) >= self._max_cid_span:
-                break  # wait for the oldest send to settle
-            if budget <= 0:
-                self._pump_blocked = True  # the pace timer pumps again
-                break
-            budget -= 1
-            queue.popleft()
-            e = _Outgoing(msg)
-            e.sent = 1
-            e.handle = wheel.add(now_ms + first, (_SEND, msg.cid))
-            in_flight[msg.cid] = e
-            out.append(msg)
-
-    def _want(self, conv: str) -> None:
-        """Sync ``conv`` soon: listed if it has (or gets) a window, else deferred."""
-        if self._window(conv) is not None:
-            self._sync_wanted[conv] = None
-        elif conv not in self._deferred:
-            if len(self._deferred) < self._max_conversations:
-                self._deferred[conv] = None
-            else:
-                self._inbox_after_deferred = True  # too many to remember: ask for all later
-
-    def _window(self, conv: str, keep: Container[str] = ()) -> SeqWindow[Push] | None:
-        w = self._windows.get(conv)
-        if w is not None:
-            return w
-        after = self._cursors.get(conv, 0)
-        if self._cursor_loader is not None:
-            after = max(after, self._cursor_loader(conv))
-        w = self._new_window(conv, after, keep)
-        if w is not None:
-            self._cursors.pop(conv, None)
-        return w
-
-    def _new_window(
-        self, conv: str, after: int, keep: Container[str] = ()
-    ) -> SeqWindow[Push] | None:
-        windows = self._windows
-        if len(windows) >= self._max_conversations:
-            victim = next(
-                (
-                    c
-                    for c, w in windows.items()
-                    if w.highest_seen == w.contiguous
-                    and not w.pending
-                    and c not in self._gap
-                    and c not in self._sync_wanted
-                    and (self._sync_after is None or c not in self._sync_after)
-                    and c not in keep
-                ),
-                None,
-            )
-            if victim is None:
-                return None
-            self._remember(victim, windows.pop(victim).contiguous)
-            self.stats.windows_evicted += 1
-        # one slot above max_held: room for the message that closes a gap (see _offer)
-        w: SeqWindow[Push] = SeqWindow(after, max_pending=self._max_held + 1)
-        windows[conv] = w
-        return w
-
-    def _remember(self, conv: str, contiguous: int) -> None:
-        """Keep an evicted window's cursor (bounded: the oldest is forgotten). O(1)."""
-        cursors = self._cursors
-        if contiguous <= 0:
-            return
-        if conv not in cursors and len(cursors) >= self._max_cursors:
-            del cursors[next(iter(cursors))]
-            self.stats.cursors_forgotten += 1
-        cursors[conv] = contiguous
-
-    def _watch_gap(self, conv: str, w: SeqWindow[Push], now_ms: int) -> None:
-        h = self._gap.get(conv)
-        if w.highest_seen > w.contiguous:
-            if h is None and conv not in self._sync_wanted:
-                self._gap[conv] = self._wheel.add(now_ms + self._gap_delay_ms, (_GAP, conv))
-        elif h is not None:
-            h.cancel()
-            del self._gap[conv]
-
-    def _maybe_sync(self, now_ms: int, out: list[Output]) -> None:
-        """Send the next sync request if none is outstanding. O(convs listed)."""
-        if self._sync_req is not None or not self._live:
-            return
-        if self._sync_inbox:
-            self._sync_inbox = False
-            after: tuple[tuple[str, int], ...] = ()
-            self._sync_after = None
-        elif self._sync_wanted:
-            wanted = self._sync_wanted
-            take = []
-            for conv in wanted:
-                take.append(conv)
-                if len(take) >= self._max_sync_convs:
-                    break
-            listed: dict[str, int] = {}
-            for conv in take:
-                del wanted[conv]
-                w = self._windows.get(conv)
-                if w is not None:
-                    listed[conv] = w.contiguous
-            if not listed:
-                return
-            after = tuple(listed.items())
-            self._sync_after = listed
-        elif self._deferred:
-            # conversations the server has news for that had no free window
-            listed = {}
-            for conv in list(self._deferred):
-                w = self._window(conv, keep=listed)
-                if w is None:
-                    break  # every window is busy: retried after the next answer
-                del self._deferred[conv]
-                listed[conv] = w.contiguous
-                if len(listed) >= self._max_sync_convs:
-                    break
-            if not listed:
-                return
-            after = tuple(listed.items())
-            self._sync_after = listed
-        elif self._inbox_after_deferred:
-            self._inbox_after_deferred = False
-            after = ()
-            self._sync_after = None
-        else:
-            return
-        req_id = self._next_req_id
-        self._next_req_id = req_id + 1
-        self._sync_req = req_id
-        self._sync_handle = self._wheel.add(now_ms + self._sync_timeout_ms, (_SYNC, req_id))
-        out.append(SyncRequest(req_id=req_id, after=after, limit=self._sync_limit))
-
     def _arm_hb(self) -> None:
         if self.state is ClientState.LOGGING_IN:
             due = self._connected_ms + self._login_timeout_ms
         else:
             due = self._hb.next_deadline_ms()
         if self._hb_handle is None:
-            self._hb_handle = self._wheel.add(due, (_HB, 0))
+            self._hb_handle = self._wheel.add(due, (HB, 0))
         else:
             self._hb_handle.reschedule(due)
 
@@ -1202,40 +484,17 @@ class ClientSession:
         """
         out: list[Output] = []
         due = self._wheel.advance(now_ms)
+        outbox = self._outbox
         for kind, key in due:
             if not self._live:
                 break
-            if kind == _SEND:
-                self._on_send_timer(key, now_ms, out)
-            elif kind == _HB:
+            if kind == HB:
                 self._on_hb_timer(now_ms, out)
-            elif kind == _GAP:
-                self._on_gap_timer(key, now_ms, out)
-            elif kind == _SYNC:
-                self._on_sync_timer(key, now_ms, out)
-            elif kind == _HOLD:
-                self._pump(now_ms, out)
-            # _PACE: _flush below releases what waits for tokens
+            elif kind in (GAP, SYNC):
+                self._convs.on_timer(kind, key, now_ms, out)
+            else:  # SEND, HOLD, PACE
+                outbox.on_timer(kind, key, now_ms, out)
         return self._flush(now_ms, out)
-
-    def _on_send_timer(self, cid: int, now_ms: int, out: list[Output]) -> None:
-        e = self._in_flight.get(cid)
-        if e is None or e.handle is None:
-            return
-        if now_ms < self._hold_until_ms:
-            e.handle.reschedule(self._hold_until_ms)
-            return
-        retry = self._send_retry
-        if retry.exhausted(e.retries):
-            self._settle(e)
-            out.append(SendFailed(cid=cid, conv=e.msg.conv, code=0, attempts=e.sent))
-            self._pump(now_ms, out)
-            return
-        e.retries += 1
-        e.sent += 1
-        self.stats.resends += 1
-        e.handle.reschedule(now_ms + self._retry_ms(e.retries))
-        out.append(e.msg)
 
     def _on_hb_timer(self, now_ms: int, out: list[Output]) -> None:
         if self.state is ClientState.LOGGING_IN:
@@ -1259,110 +518,27 @@ class ClientSession:
         out.append(ConnectionDead(silent_ms=silent))
         out.append(CloseConnection(code=ErrorCode.HEARTBEAT_TIMEOUT, reason="heartbeat timeout"))
 
-    def _on_gap_timer(self, conv: str, now_ms: int, out: list[Output]) -> None:
-        self._gap.pop(conv, None)
-        w = self._windows.get(conv)
-        if w is not None and w.highest_seen > w.contiguous:
-            self._sync_wanted[conv] = None
-            self._maybe_sync(now_ms, out)
-
-    def _on_sync_timer(self, req_id: int, now_ms: int, out: list[Output]) -> None:
-        if req_id != self._sync_req:
-            return
-        self.stats.sync_timeouts += 1
-        if self._sync_after is None:
-            self._sync_inbox = True
-        else:
-            for conv in self._sync_after:
-                self._sync_wanted[conv] = None
-        self._sync_req = None
-        self._sync_after = None
-        self._sync_handle = None
-        self._maybe_sync(now_ms, out)
-
     # -- invariants --------------------------------------------------------------------
 
     def _check(self) -> None:
-        """Assert every invariant (tests call this after each step). O(state size)."""
+        """Assert every invariant, the outbox's and the conversations' too. O(state size)."""
 
         def fail(msg: str) -> None:
             raise AssertionError(f"ClientSession {self.device}: {msg}")
 
-        if len(self._cursors) > self._max_cursors:
-            fail(f"{len(self._cursors)} cursors > max_cursors {self._max_cursors}")
-        if any(c in self._windows for c in self._cursors):
-            fail("a conversation has both a window and an evicted cursor")
         connected = self._live
-        cids = list(self._in_flight)
-        if cids != sorted(cids):
-            fail("in-flight sends out of cid order")
-        queued = [m.cid for m in self._queue]
-        if queued != sorted(queued):
-            fail("queued sends out of cid order")
-        if cids and queued and cids[-1] >= queued[0]:
-            fail("a queued send is older than one in flight")
-        if (cids + queued) and max(cids + queued) >= self._next_cid:
-            fail("a send has a cid not below next_cid")
-        # (a server's LoginAck may lower the cap below what already flies)
-        if len(cids) > self._max_in_flight or not 1 <= self._flight_cap <= self._max_in_flight:
-            fail("more sends in flight than max_in_flight, or a cap above it")
-        waiting = bool(
-            self._held or self._acks_due or self._singles_due or self._receipts_due
-        )
-        if not connected:
-            if waiting or self._pacer is not None:
-                fail("frames wait for tokens while disconnected")
-            if self._pace_handle is not None and self._pace_handle.pending:
-                fail("pace timer pending while disconnected")
-        else:
-            if self._pacer is None:
-                fail("connected without a pacer")
-            else:
-                self._pacer._check()
-            if waiting and (self._pace_handle is None or not self._pace_handle.pending):
-                fail("frames wait for tokens without a pace timer")
-        if any(type(m) is PushAck or type(m) is Receipt or type(m) is Login for m in self._held):
-            fail("an ack, receipt or Login among the held frames")
+        if connected != (self.state in (ClientState.LOGGING_IN, ClientState.READY)):
+            fail(f"live={connected} in state {self.state.value}")
+        try:
+            self._outbox._check(connected)
+            self._convs._check(connected)
+        except AssertionError as e:
+            fail(str(e))
         if not MIN_PROTOCOL_VERSION <= self.version <= self._offered <= self._max_version:
             fail(f"version {self.version} outside the offer {self._offered}")
-        if len(queued) > self._max_queued:
-            fail("more sends queued than max_queued")
-        if cids and cids[-1] - cids[0] >= self._max_cid_span:
-            fail("in-flight cid span over max_cid_span")
-        for cid, e in self._in_flight.items():
-            if e.msg.cid != cid:
-                fail("in-flight entry under the wrong cid")
-            pending = e.handle is not None and e.handle.pending
-            if pending != connected:
-                fail(f"send {cid}: retry timer pending={pending} while connected={connected}")
-            if e.sent < e.retries + 1:
-                fail(f"send {cid}: fewer transmissions than retries")
-        if self.state is ClientState.CLOSED and self._in_flight:
+        if self.state is ClientState.CLOSED and self._outbox.in_flight:
             fail("closed with sends in flight")
-        if len(self._windows) > self._max_conversations:
-            fail("more windows than max_conversations")
-        for w in self._windows.values():
-            w._check()
-            if w.pending and w.highest_seen == w.contiguous:
-                fail("a window holds released messages nobody popped")
-            if w.pending > self._max_held:
-                fail("a window holds more than max_held messages")
-        for conv, h in self._gap.items():
-            if conv not in self._windows:
-                fail(f"gap timer for untracked {conv!r}")
-            if not h.pending:
-                fail(f"gap timer for {conv!r} not pending")
-        if not set(self._sync_wanted) <= set(self._windows):
-            fail("sync wanted for an untracked conversation")
-        if len(self._deferred) > self._max_conversations:
-            fail("more deferred syncs than max_conversations")
-        if (self._sync_req is None) != (self._sync_handle is None):
-            fail("outstanding sync and its timer out of step")
-        if self._sync_req is None and self._sync_after is not None:
-            fail("listed cursors without an outstanding sync")
         if not connected:
-            if self._gap or self._sync_req is not None or self._sync_wanted or self._deferred:
-                fail("sync work while disconnected")
             if self._hb_handle is not None and self._hb_handle.pending:
                 fail("heartbeat timer pending while disconnected")
         elif self._hb_handle is None or not self._hb_handle.pending:

@@ -2,8 +2,11 @@
 
 A client that keeps its own limits tighter than its server's never trips them: it
 is never refused and never kicked for "quota abuse". These numbers used to live in
-two files that each cited the other; they live here together, and
-``tests/test_session.py::TestPairedDefaults`` pins every relation below:
+two files that each cited the other; they live here together, they are the
+defaults of :class:`~imkit.session.ClientConfig` and
+:class:`~imkit.session.ServerConfig`, and
+``tests/test_session.py::TestPairedDefaults`` pins every relation below on those
+two configs' defaults:
 
 - client ``DEFAULT_MAX_IN_FLIGHT`` (64) <= server ``DEFAULT_MAX_SENDS_IN_FLIGHT`` (64)
   and <= server ``DEFAULT_ACK_CACHE`` (64);
@@ -26,6 +29,7 @@ __all__ = [
     "DEFAULT_ACK_DELAY_MS",
     "DEFAULT_CID_WINDOW",
     "DEFAULT_FRAME_BURST",
+    "DEFAULT_LOGIN_TIMEOUT_MS",
     "DEFAULT_MAX_CID_SPAN",
     "DEFAULT_MAX_FRAMES_PER_S",
     "DEFAULT_MAX_IN_FLIGHT",
@@ -34,6 +38,14 @@ __all__ = [
     "DEFAULT_PACE_RATE_PERCENT",
     "pace_limits",
 ]
+
+# --- both -----------------------------------------------------------------------------
+
+#: 10 s for a Login after connecting (the server's deadline) and for its answer (the
+#: client's): one small frame needs one RTT (even 2G is well under 2 s); nginx's
+#: ``client_header_timeout`` (60 s) is for humans typing. A connection that says
+#: nothing is cut at this deadline (slowloris, idle floods).
+DEFAULT_LOGIN_TIMEOUT_MS: Final = 10_000
 
 # --- server ---------------------------------------------------------------------------
 

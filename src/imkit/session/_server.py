@@ -18,7 +18,13 @@ import attrs
 
 from imkit.dedup import CidWindow, Verdict
 from imkit.errors import AuthError, ConfigError, LocalProtocolError
-from imkit.policy import ExponentialBackoff, HeartbeatPolicy, TokenBucket
+from imkit.policy import (
+    ExponentialBackoff,
+    HeartbeatPolicy,
+    TokenBucket,
+    _instance_field,
+    _int_field,
+)
 from imkit.protocol import (
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
@@ -55,6 +61,7 @@ from imkit.session._limits import (
     DEFAULT_ACK_CACHE,
     DEFAULT_CID_WINDOW,
     DEFAULT_FRAME_BURST,
+    DEFAULT_LOGIN_TIMEOUT_MS,
     DEFAULT_MAX_FRAMES_PER_S,
     DEFAULT_MAX_SENDS_IN_FLIGHT,
 )
@@ -74,6 +81,8 @@ __all__ = [
     "DEFAULT_MAX_VIOLATIONS",
     "DEFAULT_PUSH_RETRY",
     "DEFAULT_QUOTA_RETRY_MS",
+    "DEFAULT_RECONNECT_MAX_MS",
+    "DEFAULT_RECONNECT_MIN_MS",
     "DEFAULT_VIOLATION_WINDOW_MS",
     "Authenticate",
     "ResumeLookup",
@@ -83,10 +92,6 @@ __all__ = [
     "ServerTimer",
 ]
 
-#: 10 s to send Login after connecting: one small frame needs one RTT (even 2G is
-#: well under 2 s); nginx's ``client_header_timeout`` (60 s) is for humans typing.
-#: A connection that says nothing is cut at this deadline (slowloris, idle floods).
-DEFAULT_LOGIN_TIMEOUT_MS = 10_000
 #: Unacknowledged pushes tracked per connection: ~10 s of a busy group at 100 msg/s.
 #: A client further behind is cut (SLOW_CONSUMER) and catches up by sync.
 DEFAULT_MAX_TRACKED_PUSHES = 1024
@@ -120,74 +125,85 @@ _RETRYABLE = frozenset(
 )
 
 
+#: The reconnect back-off a server announces in ``LoginAck``: full jitter between 0
+#: and 0.5 s doubling to 30 s (the client's own default, ``DEFAULT_RECONNECT``).
+DEFAULT_RECONNECT_MIN_MS = 500
+DEFAULT_RECONNECT_MAX_MS = 30_000
+
+_at_least_0 = _int_field(0)
+_at_least_1 = _int_field(1)
+
+
+def _not_below_min(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+    low = attribute.name.replace("max_", "min_")
+    if value < getattr(instance, low):
+        raise ConfigError(f"{attribute.name} ({value}) must be >= {low} ({getattr(instance, low)})")
+
+
 @attrs.frozen(kw_only=True)
 class ServerConfig:
     """Every limit and timing of a :class:`ServerSession`, shared by all sessions of a gateway.
 
     One frozen object instead of per-session attributes keeps an idle session small
     (a gateway holds ~100k of them). Each field defaults to the ``DEFAULT_*``
-    constant of the same name, which documents where the number comes from.
+    constant of the same name, which documents where the number comes from. An
+    attrs value: equal by fields, a readable repr, and a wrong type or range raises
+    :class:`~imkit.errors.ConfigError` naming the field.
     """
 
-    login_timeout_ms: int = DEFAULT_LOGIN_TIMEOUT_MS
-    heartbeat: HeartbeatPolicy = attrs.field(factory=HeartbeatPolicy)
-    reconnect_min_ms: int = 500
-    reconnect_max_ms: int = 30_000
-    max_sends_in_flight: int = DEFAULT_MAX_SENDS_IN_FLIGHT
-    ack_cache: int = DEFAULT_ACK_CACHE
-    cid_window: int = DEFAULT_CID_WINDOW
-    max_tracked_pushes: int = DEFAULT_MAX_TRACKED_PUSHES
-    push_retry: ExponentialBackoff = DEFAULT_PUSH_RETRY
-    max_frames_per_s: int = DEFAULT_MAX_FRAMES_PER_S
-    frame_burst: int = DEFAULT_FRAME_BURST
-    max_violations: int = DEFAULT_MAX_VIOLATIONS
-    violation_window_ms: int = DEFAULT_VIOLATION_WINDOW_MS
-    quota_retry_ms: int = DEFAULT_QUOTA_RETRY_MS
-    max_syncs_in_flight: int = DEFAULT_MAX_SYNCS_IN_FLIGHT
-    max_sync_limit: int = DEFAULT_MAX_SYNC_LIMIT
+    login_timeout_ms: int = attrs.field(default=DEFAULT_LOGIN_TIMEOUT_MS, validator=_at_least_1)
+    heartbeat: HeartbeatPolicy = attrs.field(
+        factory=HeartbeatPolicy, validator=_instance_field(HeartbeatPolicy)
+    )
+    reconnect_min_ms: int = attrs.field(default=DEFAULT_RECONNECT_MIN_MS, validator=_at_least_1)
+    reconnect_max_ms: int = attrs.field(
+        default=DEFAULT_RECONNECT_MAX_MS, validator=[_at_least_1, _not_below_min]
+    )
+    max_sends_in_flight: int = attrs.field(
+        default=DEFAULT_MAX_SENDS_IN_FLIGHT, validator=_at_least_1
+    )
+    ack_cache: int = attrs.field(default=DEFAULT_ACK_CACHE, validator=_at_least_1)
+    cid_window: int = attrs.field(default=DEFAULT_CID_WINDOW, validator=_at_least_1)
+    max_tracked_pushes: int = attrs.field(default=DEFAULT_MAX_TRACKED_PUSHES, validator=_at_least_1)
+    push_retry: ExponentialBackoff = attrs.field(
+        default=DEFAULT_PUSH_RETRY, validator=_instance_field(ExponentialBackoff)
+    )
+    max_frames_per_s: int = attrs.field(default=DEFAULT_MAX_FRAMES_PER_S, validator=_at_least_1)
+    frame_burst: int = attrs.field(default=DEFAULT_FRAME_BURST, validator=_at_least_1)
+    max_violations: int = attrs.field(default=DEFAULT_MAX_VIOLATIONS, validator=_at_least_1)
+    violation_window_ms: int = attrs.field(
+        default=DEFAULT_VIOLATION_WINDOW_MS, validator=_at_least_1
+    )
+    quota_retry_ms: int = attrs.field(default=DEFAULT_QUOTA_RETRY_MS, validator=_at_least_0)
+    max_syncs_in_flight: int = attrs.field(
+        default=DEFAULT_MAX_SYNCS_IN_FLIGHT, validator=_at_least_1
+    )
+    max_sync_limit: int = attrs.field(default=DEFAULT_MAX_SYNC_LIMIT, validator=_at_least_1)
     #: protocol versions this server speaks; it picks the highest one the client
     #: offers too. Lower ``max_version`` during a rolling upgrade to keep every
     #: client on the old version until all servers run the new code.
-    min_version: int = MIN_PROTOCOL_VERSION
-    max_version: int = PROTOCOL_VERSION
+    min_version: int = attrs.field(
+        default=MIN_PROTOCOL_VERSION, validator=_int_field(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION)
+    )
+    max_version: int = attrs.field(
+        default=PROTOCOL_VERSION,
+        validator=[_int_field(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION), _not_below_min],
+    )
     #: cut (SLOW_CONSUMER) a client that acknowledged nothing during a push's whole
     #: retry schedule: it keeps the link alive (pings) but does not read, and the
     #: kernel's socket buffer can hide that from the write-buffer limit for a long time
-    kick_unresponsive: bool = True
+    kick_unresponsive: bool = attrs.field(default=True, validator=_instance_field(bool))
     #: derived: ``push_retry.delay_ms(0)``, computed once (the per-push path reads it)
     first_push_retry_ms: int = attrs.field(init=False, default=0)
     #: derived: from a push's first send to its abandonment, the whole retry schedule
     push_give_up_ms: int = attrs.field(init=False, default=0)
 
     def __attrs_post_init__(self) -> None:
-        for name in (
-            "login_timeout_ms",
-            "max_sends_in_flight",
-            "ack_cache",
-            "cid_window",
-            "max_tracked_pushes",
-            "max_frames_per_s",
-            "frame_burst",
-            "max_violations",
-            "violation_window_ms",
-            "max_syncs_in_flight",
-            "max_sync_limit",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        # derived values only; every check is a field validator (run before this)
         object.__setattr__(self, "first_push_retry_ms", self.push_retry.delay_ms(0))
         attempts = self.push_retry.max_attempts or 0
         span = sum(self.push_retry.delay_ms(a) for a in range(attempts + 1))
         object.__setattr__(self, "push_give_up_ms", span)
-        if self.quota_retry_ms < 0:
-            raise ConfigError(f"quota_retry_ms must be >= 0, got {self.quota_retry_ms}")
-        if not 0 < self.reconnect_min_ms <= self.reconnect_max_ms:
-            raise ConfigError("need 0 < reconnect_min_ms <= reconnect_max_ms")
-        if not MIN_PROTOCOL_VERSION <= self.min_version <= self.max_version <= PROTOCOL_VERSION:
-            raise ConfigError(
-                f"need {MIN_PROTOCOL_VERSION} <= min_version <= max_version <= "
-                f"{PROTOCOL_VERSION}, got {self.min_version}, {self.max_version}"
-            )
 
 
 class ServerStats:
@@ -609,9 +625,11 @@ class ServerSession:
 
     # -- input: the application's answers ---------------------------------------------
 
-    def ack_send(self, cid: int, seq: int, msg_id: int = 0, server_ms: int = 0) -> list[Output]:
+    def ack_send(self, cid: int, seq: int, msg_id: int = 0, wall_ms: int = 0) -> list[Output]:
         """The application stored send ``cid`` as ``seq``: answer the client. O(1).
 
+        ``wall_ms`` is the wall-clock time the store gave the message (it goes to the
+        client as ``SendAck.server_ms``; 0: not given), never the session's ``now_ms``.
         The answer is remembered (up to ``ack_cache`` of them) so that a resend of
         ``cid`` gets the same ``SendAck`` without reaching the store. Returns
         nothing once the session is closed. Raises LocalProtocolError for a cid the
@@ -620,7 +638,7 @@ class ServerSession:
         if self.state is ServerState.CLOSED:
             return []
         conv = self._pop_pending(cid)
-        ack = SendAck(cid=cid, conv=conv, seq=seq, msg_id=msg_id, server_ms=server_ms)
+        ack = SendAck(cid=cid, conv=conv, seq=seq, msg_id=msg_id, server_ms=wall_ms)
         self._remember(ack)
         return [ack]
 
@@ -850,9 +868,7 @@ class ServerSession:
 
     # -- ending ----------------------------------------------------------------------
 
-    def kick(
-        self, code: int, *, reason: str = "", retry_after_ms: int = 0
-    ) -> list[Output]:
+    def kick(self, code: int, *, reason: str = "", retry_after_ms: int = 0) -> list[Output]:
         """End the session from the application side (REPLACED, SHUTDOWN, ...). O(tracked).
 
         Returns ``Kick`` + :class:`~imkit.session.CloseConnection`, or nothing if

@@ -62,8 +62,8 @@ from imkit.store._base import (
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
-    "DEFAULT_MAX_CONVERSATIONS",
     "DEFAULT_MAX_MESSAGES",
+    "DEFAULT_MAX_STORED_CONVERSATIONS",
     "DEFAULT_MAX_USERS",
     "MemoryStore",
 ]
@@ -78,7 +78,7 @@ DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 #: Max registered users (each costs a set and an inbox; ~1 KiB idle).
 DEFAULT_MAX_USERS = 1_000_000
 #: Max conversations (each costs ~1 KiB empty; 1:1 chats are created on first message).
-DEFAULT_MAX_CONVERSATIONS = 1_000_000
+DEFAULT_MAX_STORED_CONVERSATIONS = 1_000_000
 
 # An inbox's dead prefix is cut off once it is at least this long and half the list:
 # amortized O(1) per entry, at most 2x the live entries in memory.
@@ -136,7 +136,7 @@ class MemoryStore:
         max_messages: int = DEFAULT_MAX_MESSAGES,
         max_bytes: int = DEFAULT_MAX_BYTES,
         max_users: int = DEFAULT_MAX_USERS,
-        max_conversations: int = DEFAULT_MAX_CONVERSATIONS,
+        max_conversations: int = DEFAULT_MAX_STORED_CONVERSATIONS,
         max_members: int = DEFAULT_MAX_MEMBERS,
         max_conversations_per_user: int = DEFAULT_MAX_CONVERSATIONS_PER_USER,
         max_inbox: int = DEFAULT_MAX_INBOX,
