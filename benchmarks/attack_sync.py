@@ -106,9 +106,9 @@ async def main(quiet_s: float, flood_s: float, rate: float) -> None:
             host, port = cluster.endpoints()[0].rsplit(":", 1)
             stop = asyncio.Event()
             counts = {"frames": 0, "kicks": 0}
+            team_seq = await cluster.logic.store.last_seq("team")
             attacker = asyncio.create_task(_attack(
-                host, int(port), cluster.token("carol", "evil"), cluster.store.last_seq("team"),
-                stop, rate, counts))
+                host, int(port), cluster.token("carol", "evil"), team_seq, stop, rate, counts))
             flood_sent = await talk("flood", flood_s)
             stop.set()
             await asyncio.sleep(2.0)  # late deliveries still count (their latency shows it)

@@ -3,7 +3,7 @@
 Each imkit store is measured beside a baseline doing the same work the plainest way:
 
 * **MemoryStore** beside a dict of lists (``convs[conv].append((sender, cid, body,
-  now_ms))``: no idempotency, no limits, no checks — the floor) and beside the same
+  wall_ms))``: no idempotency, no limits, no checks — the floor) and beside the same
   dict of lists plus a ``(conv, sender, cid)`` dedup dict (the fair baseline: what an
   idempotent append costs at minimum);
 * **SqliteStore** beside raw ``sqlite3``: one ``INSERT`` into a table of the same shape
@@ -119,7 +119,7 @@ def bench_memory_appends(report: Report) -> None:
     def imkit() -> None:
         append = h.store.append  # type: ignore[union-attr]
         for conv, sender, cid, body, _ in msgs:
-            append(conv, sender, cid, body, now_ms=1)
+            append(conv, sender, cid, body, wall_ms=1)
 
     convs: dict[str, list[tuple[str, int, bytes, int]]] = {}
     keys: dict[tuple[str, str, int], int] = {}
@@ -187,13 +187,13 @@ def sqlite_rows(n: int, where: str, synchronous: str = "NORMAL") -> list[list[st
     def imkit_single() -> None:
         append = h.store.append  # type: ignore[union-attr]
         for conv, sender, cid, body, _ in msgs:
-            append(conv, sender, cid, body, now_ms=1)
+            append(conv, sender, cid, body, wall_ms=1)
 
     def imkit_batches(batches: list[list[NewMessage]]) -> Callable[[], None]:
         def run() -> None:
             append_many = h.store.append_many  # type: ignore[union-attr]
             for batch in batches:
-                append_many(batch, now_ms=1)
+                append_many(batch, wall_ms=1)
 
         return run
 
@@ -267,7 +267,7 @@ def bench_reads(report: Report) -> None:
     rows = []
 
     mem = fresh(MemoryStore())
-    mem.append_many(msgs, now_ms=1)
+    mem.append_many(msgs, wall_ms=1)
     flat = [(m.sender, m.cid, m.body, 1) for m in msgs]
 
     def walk(store: MessageStore) -> Callable[[], None]:
@@ -291,7 +291,7 @@ def bench_reads(report: Report) -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-store-") as d:
         sql = fresh(SqliteStore(Path(d) / "s.sqlite3"))
-        sql.append_many(msgs, now_ms=1)
+        sql.append_many(msgs, wall_ms=1)
         raw = raw_db(str(Path(d) / "raw.sqlite3"))
         raw.execute("BEGIN")
         raw.executemany(
@@ -336,7 +336,7 @@ def bench_inbox(report: Report) -> None:
             store.create_user(uid)
         store.create_group(conv, members)
         store.append_many(
-            [NewMessage(conv, members[0], i, b"x") for i in range(N_FANOUT)], now_ms=1
+            [NewMessage(conv, members[0], i, b"x") for i in range(N_FANOUT)], wall_ms=1
         )
         return store
 
@@ -422,7 +422,7 @@ def bench_footprint(report: Report) -> None:
     def build_mem() -> object:
         store = fresh(MemoryStore())
         for conv, sender, cid, body, _ in msgs:
-            store.append(conv, sender, cid, body, now_ms=1_700_000_000_000 + cid)
+            store.append(conv, sender, cid, body, wall_ms=1_700_000_000_000 + cid)
         return store
 
     def build_plain() -> object:
@@ -447,7 +447,7 @@ def bench_footprint(report: Report) -> None:
         path = Path(d) / "s.sqlite3"
         store = fresh(SqliteStore(path))
         for i in range(0, N_FOOT, BATCH):
-            store.append_many(msgs[i : i + BATCH], now_ms=1_700_000_000_000)
+            store.append_many(msgs[i : i + BATCH], wall_ms=1_700_000_000_000)
         store.close()
         sql_bytes = os.path.getsize(path) / N_FOOT
         raw = raw_db(str(Path(d) / "raw.sqlite3"))

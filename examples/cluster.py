@@ -62,6 +62,7 @@ from imkit.aio import (
     DEFAULT_MAX_PER_ADDRESS,
     MemoryBus,
     MemoryRegistry,
+    async_store,
 )
 from imkit.discovery import DEFAULT_TTL_MS
 from imkit.errors import ConfigError
@@ -154,6 +155,9 @@ class Cluster:
         secret: bytes,
     ) -> None:
         self.config = config
+        #: The synchronous store under ``logic.store`` (an ``imkit.aio.async_store``
+        #: adapter). While the cluster runs, reach it through ``logic.store`` (or
+        #: ``logic.store.run(fn)``): an SQLite store belongs to its worker thread.
         self.store = store
         self.routes = routes
         self.bus = bus
@@ -254,10 +258,10 @@ class Cluster:
             await gateway.stop()
         if self.ipconf is not None:
             await self.ipconf.stop()
-        self.logic.close()
+        await self.logic.aclose()
         self.routes.close()
         await self.bus.aclose()
-        self.store.close()
+        await self.logic.store.aclose()  # the calls already made finish first
 
 
 async def start_cluster(config: ClusterConfig | None = None) -> Cluster:
@@ -271,7 +275,9 @@ async def start_cluster(config: ClusterConfig | None = None) -> Cluster:
     routes = RouteService(grace_ms=cfg.grace_ms)
     bus: MemoryBus[BusPayload] = MemoryBus()
     registry = MemoryRegistry(ttl_ms=cfg.discovery_ttl_ms)
-    logic = Logic(store=store, routes=routes, bus=bus, config=cfg.logic)
+    # SQLite on one worker thread (in call order), the memory store inline
+    astore = async_store(store)
+    logic = Logic(store=astore, routes=routes, bus=bus, config=cfg.logic)
     secret = cfg.secret or new_secret()
     auth = Authenticator(secret, ttl_s=cfg.token_ttl_s)
     cluster = Cluster(
@@ -307,7 +313,7 @@ async def start_cluster(config: ClusterConfig | None = None) -> Cluster:
             registry=registry,
             auth=auth,
             logic=logic,
-            admin=lambda op, args: admin(store, op, args),
+            admin=lambda op, args: astore.run(admin, op, args),
             dev=cfg.dev,
         )
         cluster.ipconf = ipconf

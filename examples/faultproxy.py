@@ -175,7 +175,7 @@ class FaultProxy:
         for writer in list(self._writers):
             writer.transport.abort()
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Stop listening and drop every connection. Idempotent."""
         if self.server is not None:
             self.server.close()

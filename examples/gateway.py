@@ -79,7 +79,7 @@ from imkit.aio import (
 from imkit.bus import Envelope, Lagged
 from imkit.discovery import GatewayInfo, Registry
 from imkit.errors import AuthError, CapacityError, ConnectionClosed, ImkitError
-from imkit.protocol import ErrorCode, Message, Notify, Push, PushBatch, encode
+from imkit.protocol import ErrorCode, Login, Message, Notify, Push, PushBatch, encode
 from imkit.routetable import BindResult, Route, UnbindResult
 from imkit.session import (
     CloseConnection,
@@ -89,6 +89,7 @@ from imkit.session import (
     SendRequested,
     ServerConfig,
     ServerSession,
+    ServerState,
     ServerStats,
     ServerTimer,
     SessionEvent,
@@ -270,6 +271,10 @@ class Gateway:
             enabled=cfg.shed,
         )
         self.rebound = 0  # routes bound again after discovery had forgotten this gateway
+        # (token, device, uid) of the Login about to be handed to its session: the
+        # registry lookup is awaited before, so the session's authenticate callback
+        # (synchronous) never waits for the store
+        self._vetted: tuple[str, str, str] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -326,7 +331,7 @@ class Gateway:
         if self.server is not None:
             await self.server.aclose(kick=True)
         if self.web is not None:
-            await self.web.close()
+            await self.web.aclose()
         if self._sub is not None:
             self._sub.close_nowait()
         with contextlib.suppress(ValueError):
@@ -418,7 +423,13 @@ class Gateway:
         self.driver.rearm()
         try:
             async for message in messages:
+                if type(message) is Login and session.state is ServerState.AWAIT_LOGIN:
+                    vetted = await self._vet(message)
+                    if link.closed:
+                        break
+                    self._vetted = vetted  # read by _authenticate inside receive()
                 outputs = session.receive(message, self.driver.now_ms())
+                self._vetted = None
                 await self._act(conn, outputs)
                 if link.closed:
                     break
@@ -433,11 +444,24 @@ class Gateway:
             elif self.routes.unbind(route) is UnbindResult.GRACE:
                 self._parked[route.uid, route.device] = (conn_id, session)
 
+    async def _vet(self, login: Login) -> tuple[str, str, str] | None:
+        """(token, device, uid) if the Login's token is valid for a registered user."""
+        try:
+            uid = self.auth.verify(login.token, login.device)
+            if await self.logic.store.has_user(uid):
+                return (login.token, login.device, uid)
+        except AuthError:
+            pass
+        except ImkitError:  # the store failed or is busy: refuse; the client retries
+            logger.warning("gateway %s could not look a user up", self.id)
+        return None
+
     def _authenticate(self, token: str, device: str) -> str:
-        uid = self.auth.verify(token, device)
-        if not self.logic.store.has_user(uid):
+        """The session's callback: the uid :meth:`_vet` found for this very Login."""
+        vetted = self._vetted
+        if vetted is None or vetted[0] != token or vetted[1] != device:
             raise AuthError("unknown user")
-        return uid
+        return vetted[2]
 
     def _resume(self, uid: str, device: str, resume_id: str) -> ServerSession | None:
         parked = self._parked.get((uid, device))
@@ -463,7 +487,9 @@ class Gateway:
         for out in outputs:
             if isinstance(out, PushAcked):
                 if out.cumulative:  # the device holds conv through seq: its sync cursor
-                    self.logic.note_cursor(session.uid, session.device, out.conv, out.seq)
+                    await self.logic.note_cursor(
+                        session.uid, session.device, out.conv, out.seq
+                    )
             elif isinstance(out, SendRequested):
                 hint = self._refusal(conn)
                 if hint:
@@ -479,12 +505,13 @@ class Gateway:
                     acked = session.ack_send(out.cid, result.seq, result.msg_id, result.server_ms)
                     self._emit(conn, acked)
             elif isinstance(out, SyncRequested):
-                # Answered now, or (a device past its sync work budget) from a task
+                # Answered now (awaited: the next frame waits, so answers keep
+                # their order), or (a device past its sync work budget) from a task
                 # once its turn comes: this connection keeps reading frames
                 # meanwhile, so the session's max_syncs_in_flight refuses more.
                 # Pushes may go out before the answer; the client's SeqWindow
                 # merges both (docs/session.md, sync semantics).
-                self.logic.sync_later(
+                await self.logic.sync_later(
                     out,
                     lambda req, pages: self._emit(
                         conn, session.sync_response(req.req_id, pages)
@@ -580,7 +607,7 @@ class Gateway:
         async for item in self._sub:
             try:
                 if isinstance(item, Lagged):
-                    self._resync_all()
+                    await self._resync_all()
                 elif isinstance(item, Envelope):
                     self._deliver(item.payload)
             except Exception:
@@ -632,22 +659,26 @@ class Gateway:
         elif isinstance(payload, KickRoute):
             self._kick_local(payload.route, payload.code, payload.reason)
 
-    def _resync_all(self) -> None:
+    async def _resync_all(self) -> None:
         """Envelopes were lost: tell every client what exists, so it syncs the rest."""
         self.lagged += 1
         for conn in list(self.conns.values()):
-            self._resync(conn)
+            await self._resync(conn)
 
-    def _resync(self, conn: _Conn) -> None:
+    async def _resync(self, conn: _Conn) -> None:
         """Tell one client the last seq of each of its conversations (it syncs the gaps)."""
         session = conn.session
-        if session is None or not session.uid:
+        if session is None or not session.uid or conn.link.closed:
             return
-        entries = self.logic.resync_entries(session.uid)
+        try:
+            entries = await self.logic.resync_entries(session.uid)
+        except ImkitError:  # the store failed or is busy: the client resyncs on reconnect
+            logger.warning("gateway %s could not resync a client", self.id)
+            return
         for i in range(0, len(entries), 1000):
             self._emit(conn, [Notify(entries=tuple(entries[i : i + 1000]))])
 
-    def _rebind(self) -> int:
+    async def _rebind(self) -> int:
         """Bind again the routes parked while discovery had forgotten this live gateway.
 
         Its reports came late (a stalled process, a registry hiccup), so the
@@ -672,7 +703,7 @@ class Gateway:
             except CapacityError:
                 continue
             conn.route = fresh
-            self._resync(conn)
+            await self._resync(conn)
             n += 1
         self.rebound += n
         return n
@@ -694,7 +725,7 @@ class Gateway:
                     await self.registry.register(
                         attrs.evolve(self._info, connections=self.connections, cpu=cpu)
                     )
-                    self._rebind()
+                    await self._rebind()
             except ImkitError:
                 logger.warning("gateway %s could not report its load", self.id)
 
@@ -709,7 +740,9 @@ class Gateway:
                 return Response(status=404)
             return Response(body=body, content_type=content_type)
         if request.path == "/dev/token":
-            return dev_token(request, self.auth, self.logic, enabled=self.config.dev_tokens)
+            return await dev_token(
+                request, self.auth, self.logic, enabled=self.config.dev_tokens
+            )
         if request.path == "/healthz":
             return json_response({"gateway": self.id, "connections": self.connections})
         return Response(status=404)
@@ -764,7 +797,9 @@ def _send_shared(link: FramedConnection, frames: list[bytes]) -> None:
                 link.send_encoded(frame)
 
 
-def dev_token(request: Request, auth: Authenticator, logic: Logic, *, enabled: bool) -> Response:
+async def dev_token(
+    request: Request, auth: Authenticator, logic: Logic, *, enabled: bool
+) -> Response:
     """``GET /dev/token?uid=U&device=D``: a token for a registered user. Development only.
 
     Answers only when ``enabled`` (the launcher's ``--dev``) and only a request
@@ -780,12 +815,13 @@ def dev_token(request: Request, auth: Authenticator, logic: Logic, *, enabled: b
     device = request.query.get("device", "")
     if not uid or not device:
         return json_response({"error": "give uid and device"}, 400)
-    if not logic.store.has_user(uid):
-        return json_response({"error": f"unknown user {uid!r}"}, 404)
+    store = logic.store
     try:
+        if not await store.has_user(uid):
+            return json_response({"error": f"unknown user {uid!r}"}, 404)
         token = auth.issue(uid, device)
+        convs = sorted(await store.conversations_of(uid))
+        groups = [c for c in convs if (await store.conversation(c)).kind is ConvKind.GROUP]
     except ImkitError:
         return json_response({"error": "bad uid or device"}, 400)
-    convs = sorted(logic.store.conversations_of(uid))
-    groups = [c for c in convs if logic.store.conversation(c).kind is ConvKind.GROUP]
     return json_response({"uid": uid, "device": device, "token": token, "groups": groups})

@@ -389,7 +389,7 @@ class HttpServer:
             self._on_client, host, port, limit=self.max_header, reuse_address=True
         )
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Stop listening and cancel the requests in progress (and upgraded connections)."""
         self._closing = True
         self.server.close()

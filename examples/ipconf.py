@@ -55,7 +55,7 @@ What it leaves out
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -84,7 +84,7 @@ logger = logging.getLogger("examples.ipconf")
 #: keeps the answer small while surviving several dead gateways.
 DEFAULT_RANK_LIMIT = 8
 
-AdminFn = Callable[[str, list[str]], Any]
+AdminFn = Callable[[str, list[str]], Awaitable[Any]]
 
 #: Gateways remembered as already warned about (a wildcard endpoint): one line each.
 _MAX_WARNED = 1024
@@ -168,7 +168,7 @@ class IpConf:
     async def stop(self) -> None:
         """Stop listening. Idempotent."""
         if self.http is not None:
-            await self.http.close()
+            await self.http.aclose()
             self.http = None
 
     async def rank(self, uid: str, *, region: str = "") -> list[GatewayInfo]:
@@ -220,9 +220,9 @@ class IpConf:
                 }
             )
         if path == "/dev/token" and self.auth is not None and self.logic is not None:
-            return dev_token(request, self.auth, self.logic, enabled=self.dev)
+            return await dev_token(request, self.auth, self.logic, enabled=self.dev)
         if path == "/admin" and request.method == "POST":
-            return self._admin(request)
+            return await self._admin(request)
         if path == "/healthz":
             return json_response({"ok": True, "gateways": len(await self.registry.live())})
         return Response(status=404)
@@ -249,7 +249,7 @@ class IpConf:
             endpoints.append(f"{scheme}{host}{rest}" if _is_wildcard(ep_host) else endpoint)
         return attrs.evolve(gateway, endpoints=tuple(endpoints))
 
-    def _admin(self, request: Request) -> Response:
+    async def _admin(self, request: Request) -> Response:
         if self.admin is None or not self.dev:
             return json_response({"error": "admin is off (start the launcher with --dev)"}, 403)
         if not is_direct_local(request):
@@ -264,6 +264,6 @@ class IpConf:
         except (ValueError, KeyError, TypeError):
             return json_response({"error": 'body must be {"op": str, "args": [str, ...]}'}, 400)
         try:
-            return json_response({"ok": True, "result": self.admin(op, args)})
+            return json_response({"ok": True, "result": await self.admin(op, args)})
         except (ImkitError, ValueError, KeyError) as exc:
             return json_response({"ok": False, "error": str(exc)}, 400)

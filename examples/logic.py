@@ -43,6 +43,11 @@ What it does
 Policies
     * Nothing is published before it is stored; the bus carries notifications of
       stored messages, so a lost envelope costs a resync, never a message.
+    * The event loop never waits for storage: every store call is awaited on an
+      :class:`~imkit.store.AsyncMessageStore` (``imkit.aio.ThreadedStore`` runs
+      SQLite on one worker thread in call order; ``imkit.aio.InlineStore`` calls
+      the memory store inline). A connection's requests are still answered in
+      order: the gateway awaits each before reading the next frame.
     * A message body is at most ``max_body`` bytes (``TOO_LARGE`` otherwise); a
       sender must be a member (``NOT_MEMBER``); a 1:1 conversation
       (:func:`imkit.store.direct_conv_id`) is created on its first message.
@@ -105,7 +110,7 @@ from imkit.protocol import ErrorCode, Message, Notify, Push, Receipt, SyncPage
 from imkit.routetable import Route
 from imkit.seq import IdGenerator
 from imkit.session import SyncRequested
-from imkit.store import MessageStore, StoredMessage, direct_conv_id
+from imkit.store import AsyncMessageStore, StoredMessage, direct_conv_id
 
 from .routes import RouteService
 
@@ -386,7 +391,8 @@ def _push(m: StoredMessage) -> Push:
 class Logic:
     """The logic server of the reference system (one per process here).
 
-    ``store`` is any :class:`~imkit.store.MessageStore`; ``routes`` the shared
+    ``store`` is any :class:`~imkit.store.AsyncMessageStore` (wrap a synchronous
+    store with ``imkit.aio.async_store``); ``routes`` the shared
     :class:`~examples.routes.RouteService`; ``bus`` the bus the gateways subscribe
     to (subject = gateway id). Create it inside a running loop. Costs:
     :meth:`send` O(1) for the store plus O(members) for a fan-out; :meth:`sync`
@@ -398,7 +404,7 @@ class Logic:
     def __init__(
         self,
         *,
-        store: MessageStore,
+        store: AsyncMessageStore,
         routes: RouteService,
         bus: MemoryBus[BusPayload],
         config: LogicConfig | None = None,
@@ -429,6 +435,11 @@ class Logic:
         # at most max_devices devices, each at most its user's conversations)
         self._dirty: dict[tuple[str, str], dict[str, int]] = {}
         self._flush_handle: asyncio.TimerHandle | None = None
+        self._flush_task: asyncio.Task[int] | None = None
+        # members of each group the merger holds something for (taken when a message
+        # is offered, used when its batch is released): bounded by the merger's
+        # max_groups, dropped when the merger forgets the group
+        self._group_members: dict[str, frozenset[str]] = {}
         # syncs waiting for their device's budget: at most the sessions' syncs in flight
         self._sync_tasks: set[asyncio.Task[None]] = set()
         # merged fan-outs not yet completed (insertion-ordered set); one per merger
@@ -437,18 +448,31 @@ class Logic:
         self._closed = False
 
     def close(self) -> None:
-        """Stop the timers, drop waiting syncs, write every pending device cursor.
-
-        Pending signals are dropped (clients resync on reconnect). Call it before
-        closing the store. O(pending cursors).
+        """Stop now, as a crash would: timers stopped, waiting syncs dropped, and the
+        device cursors learnt since the last flush are **not** written (those devices
+        re-download a few seconds of messages). :meth:`aclose` writes them. O(tasks).
         """
         self._closed = True
         self._merge_timer.close()
         self._signal_timer.close()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         for task in self._sync_tasks:
             task.cancel()
         self._sync_tasks.clear()
-        self.flush_cursors(limit=None)
+        self._group_members.clear()
+
+    async def aclose(self) -> None:
+        """Stop the timers, drop waiting syncs, write every pending device cursor.
+
+        Pending signals are dropped (clients resync on reconnect). Await it before
+        closing the store. O(pending cursors).
+        """
+        self.close()
+        if self._flush_task is not None:
+            await asyncio.gather(self._flush_task, return_exceptions=True)
+        await self.flush_cursors(limit=None)
 
     # -- send ---------------------------------------------------------------------------
 
@@ -465,11 +489,11 @@ class Logic:
             self.stats.refused += 1
             return ErrorCode.TOO_LARGE
         try:
-            if not store.is_member(uid, conv) and not self._open_direct(uid, conv):
+            if not await store.is_member(uid, conv) and not await self._open_direct(uid, conv):
                 self.stats.refused += 1
                 return ErrorCode.NOT_MEMBER
             msg_id = self._ids.next_id(_wall_ms())
-            msg = store.append(conv, uid, cid, body, now_ms=_wall_ms(), msg_id=msg_id)
+            msg = await store.append(conv, uid, cid, body, wall_ms=_wall_ms(), msg_id=msg_id)
         except CapacityError:
             self.stats.refused += 1
             logger.warning("store full: refusing a send to %s", conv)
@@ -488,27 +512,33 @@ class Logic:
             self.stats.duplicates += 1  # a resend: stored before, fanned out before
             return msg
         self.stats.sends += 1
-        self._fan_out(msg)
+        try:
+            await self._fan_out(msg)
+        except ImkitError:  # stored and acked; the members get it with their next sync
+            logger.exception("fan-out of a message of %s failed", conv)
         return msg
 
-    def _open_direct(self, uid: str, conv: str) -> bool:
+    async def _open_direct(self, uid: str, conv: str) -> bool:
         """Create the 1:1 conversation ``conv`` if ``uid`` is one of its two users."""
         pair = parse_direct(conv)
         if pair is None or uid not in pair:
             return False
-        if not all(self.store.has_user(u) for u in pair):
+        store = self.store
+        if not (await store.has_user(pair[0]) and await store.has_user(pair[1])):
             return False
-        self.store.create_direct(*pair)
+        await store.create_direct(*pair)
         return True
 
-    def _fan_out(self, msg: StoredMessage) -> None:
+    async def _fan_out(self, msg: StoredMessage) -> None:
         store = self.store
-        members = store.members(msg.conv)
+        members = await store.members(msg.conv)
+        if self._closed:
+            return
         cfg = self.config
         push = _push(msg)
         if len(members) <= cfg.write_fanout_max:
             try:
-                store.inbox_add(members, msg.conv, msg.seq)
+                await store.inbox_add(members, msg.conv, msg.seq)
             except ImkitError:
                 logger.exception("inbox write failed for %s", msg.conv)  # push anyway
             self._publish_pushes(members, (push,), None)
@@ -519,6 +549,8 @@ class Logic:
             except CapacityError:  # max_groups: tell the members to pull instead
                 self._signal(members, msg.conv, msg.seq)
             else:
+                # the members its batch goes to when released (the latest list)
+                self._group_members[msg.conv] = members
                 self._release(releases)
             self._merge_timer.rearm()
         else:
@@ -576,7 +608,8 @@ class Logic:
             group = r.group
             if self._closed:
                 return
-            members = self.store.members(group)
+            # taken when the message was offered (a release never waits for the store)
+            members = self._group_members.get(group, frozenset())
             if r.kind is ReleaseKind.PUSH:
                 done = functools.partial(self._merge_done, group)
                 self._publish_pushes(members, r.messages, done)
@@ -599,7 +632,10 @@ class Logic:
 
     def _merge_done(self, group: str) -> None:
         if not self._closed:
-            self._release(self.merger.done(group))
+            merger = self.merger
+            self._release(merger.done(group))
+            if not merger.inflight(group) and not merger.queued(group):
+                self._group_members.pop(group, None)  # the merger forgot the group
             self._merge_timer.rearm()
 
     def _merge_due(self, now_ms: int) -> None:
@@ -629,7 +665,7 @@ class Logic:
 
     # -- device cursors -----------------------------------------------------------------------
 
-    def _device_cursors(self, key: tuple[str, str]) -> dict[str, int]:
+    async def _device_cursors(self, key: tuple[str, str]) -> dict[str, int]:
         """The cursors of device ``key`` (LRU), loaded from a durable store on a miss."""
         cursors = self._cursors.get(key)
         if cursors is not None:
@@ -639,20 +675,23 @@ class Logic:
         store = self.store
         if store.durable:
             try:
-                cursors = store.device_cursors(*key)
+                cursors = await store.device_cursors(*key)
             except ImkitError:
                 logger.warning("could not load the cursors of a device of %s", key[0])
-            pending = self._dirty.get(key)
-            if pending:
-                for conv, seq in pending.items():
-                    if seq > cursors.get(conv, 0):
-                        cursors[conv] = seq
+            # what was learnt while the load waited (another load of the same
+            # device, a note that is not written yet) is not older than the store
+            for newer in (self._cursors.get(key), self._dirty.get(key)):
+                if newer:
+                    for conv, seq in newer.items():
+                        if seq > cursors.get(conv, 0):
+                            cursors[conv] = seq
         self._cursors[key] = cursors
+        self._cursors.move_to_end(key)
         if len(self._cursors) > self.config.max_devices:
             self._cursors.popitem(last=False)
         return cursors
 
-    def note_cursor(self, uid: str, device: str, conv: str, seq: int) -> None:
+    async def note_cursor(self, uid: str, device: str, conv: str, seq: int) -> None:
         """``device`` of ``uid`` holds ``conv`` contiguously up to ``seq`` (its own claim).
 
         Claims come from cumulative push acks and sync requests; they only make an
@@ -662,13 +701,20 @@ class Logic:
         """
         key = (uid, device)
         known = self._cursors.get(key)
-        if (known is None or conv not in known) and not self.store.is_member(uid, conv):
+        if known is not None and seq <= known.get(conv, 0):
+            return  # nothing new (the common case: no store call)
+        try:
+            if (known is None or conv not in known) and not await self.store.is_member(
+                uid, conv
+            ):
+                return
+        except ImkitError:  # a store failure, a full worker queue: the claim is only a hint
             return
-        self._note_member(key, conv, seq)
+        await self._note_member(key, conv, seq)
 
-    def _note_member(self, key: tuple[str, str], conv: str, seq: int) -> None:
+    async def _note_member(self, key: tuple[str, str], conv: str, seq: int) -> None:
         """:meth:`note_cursor` for a conversation already known to be the user's."""
-        cursors = self._device_cursors(key)
+        cursors = await self._device_cursors(key)
         if seq <= cursors.get(conv, 0):
             return
         cursors[conv] = seq
@@ -689,9 +735,16 @@ class Logic:
 
     def _flush_due(self) -> None:
         self._flush_handle = None
-        self.flush_cursors()
+        if self._flush_task is None and not self._closed:
+            self._flush_task = task = self._loop.create_task(self.flush_cursors())
+            task.add_done_callback(self._flushed)
 
-    def flush_cursors(self, limit: int | None = -1) -> int:
+    def _flushed(self, task: asyncio.Task[int]) -> None:
+        self._flush_task = None
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("flushing device cursors failed", exc_info=task.exception())
+
+    async def flush_cursors(self, limit: int | None = -1) -> int:
         """Write pending device cursors to the store; return how many devices were written.
 
         ``limit``: devices to write (-1: ``cursor_flush_devices``; None: all of them).
@@ -713,11 +766,11 @@ class Logic:
             cursors = dirty.pop(key)
             written += 1
             try:
-                store.set_device_cursors(key[0], key[1], cursors)
+                await store.set_device_cursors(key[0], key[1], cursors)
             except ImkitError:  # a user gone, a store failure: the device syncs a bit more
                 logger.warning("could not write the cursors of a device of %s", key[0])
         self.stats.cursor_writes += written
-        if dirty and not self._closed:
+        if dirty and not self._closed and self._flush_handle is None:
             self._flush_handle = self._loop.call_later(
                 self.config.cursor_flush_ms / 1000, self._flush_due
             )
@@ -765,9 +818,9 @@ class Logic:
         Waits while the device's sync budget is in debt, then :meth:`sync_now`.
         """
         await self.sync_turn(uid, device)
-        return self.sync_now(uid, device, after, limit)
+        return await self.sync_now(uid, device, after, limit)
 
-    def sync_later(
+    async def sync_later(
         self,
         request: SyncRequested,
         answer: Callable[[SyncRequested, list[SyncPage]], object],
@@ -776,16 +829,17 @@ class Logic:
     ) -> None:
         """Call ``answer(request, pages)`` now, or from a task once the device may sync.
 
-        The gateway's entry: a device within its budget is answered at once; one in
-        debt waits in a task (the connection keeps reading frames, so the session's
-        syncs-in-flight quota refuses further ones), and is answered only if
-        ``alive()`` still holds then. A store failure answers with no pages (the
+        The gateway's entry: a device within its budget is answered before this
+        returns (the gateway awaits it, so a connection's answers keep their order);
+        one in debt waits in a task (the connection keeps reading frames, so the
+        session's syncs-in-flight quota refuses further ones), and is answered only
+        if ``alive()`` still holds then. A store failure answers with no pages (the
         client asks again after its sync timeout). O(1) plus :meth:`sync_now`.
         """
         if self._closed:
             return
         if self.sync_wait_ms(request.uid, request.device) == 0:
-            self._answer(request, answer)
+            await self._answer(request, answer)
             return
         task = self._loop.create_task(self._sync_in_turn(request, answer, alive))
         self._sync_tasks.add(task)
@@ -799,19 +853,21 @@ class Logic:
     ) -> None:
         await self.sync_turn(request.uid, request.device)
         if alive() and not self._closed:
-            self._answer(request, answer)
+            await self._answer(request, answer)
 
-    def _answer(
+    async def _answer(
         self, request: SyncRequested, answer: Callable[[SyncRequested, list[SyncPage]], object]
     ) -> None:
         try:
-            pages = self.sync_now(request.uid, request.device, request.after, request.limit)
+            pages = await self.sync_now(
+                request.uid, request.device, request.after, request.limit
+            )
         except ImkitError:
             logger.exception("sync of %s failed", request.uid)
             pages = []
         answer(request, pages)
 
-    def sync_now(
+    async def sync_now(
         self, uid: str, device: str, after: Sequence[tuple[str, int]], limit: int
     ) -> list[SyncPage]:
         """The pages answering a SyncRequest now, charged to the device's budget.
@@ -846,19 +902,19 @@ class Logic:
                     continue
                 # checked every time (never from the cursors: the user may have left)
                 work += 1
-                if store.is_member(uid, conv):
-                    self._note_member(key, conv, seq)
+                if await store.is_member(uid, conv):
+                    await self._note_member(key, conv, seq)
                 else:
                     strangers.add(conv)
         else:
             loaded = key in self._cursors
-            known = self._device_cursors(key)
+            known = await self._device_cursors(key)
             work += 1 + (not loaded and store.durable)  # conversations_of (+ the load)
-            convs = sorted(store.conversations_of(uid))
+            convs = sorted(await store.conversations_of(uid))
             for conv in convs:
                 start = known.get(conv, 0)
                 work += 1
-                if store.last_seq(conv) > start:
+                if await store.last_seq(conv) > start:
                     wanted[conv] = start
                     if len(wanted) >= cfg.max_sync_pages:
                         break  # the rest come with the next inbox sync
@@ -873,7 +929,7 @@ class Logic:
                 pages.append(SyncPage(conv=conv, messages=(), more=more))
                 continue
             work += 1
-            page = store.read(conv, seq, limit)
+            page = await store.read(conv, seq, limit)
             messages: list[Push] = []
             for m in page.messages:
                 push = _push(m)
@@ -889,12 +945,14 @@ class Logic:
         self._bucket(key).milli -= work * 1000
         return pages
 
-    def resync_entries(self, uid: str) -> list[tuple[str, int]]:
-        """(conv, last seq) of every conversation of ``uid`` with messages: a catch-all Notify."""
+    async def resync_entries(self, uid: str) -> list[tuple[str, int]]:
+        """(conv, last seq) of every conversation of ``uid`` with messages: a catch-all Notify.
+
+        O(conversations of ``uid``) store calls."""
         store = self.store
         out = []
-        for conv in store.conversations_of(uid):
-            last = store.last_seq(conv)
+        for conv in await store.conversations_of(uid):
+            last = await store.last_seq(conv)
             if last:
                 out.append((conv, last))
         return out
@@ -906,16 +964,16 @@ class Logic:
         others (small convs). O(1) store calls plus O(members) when it moved."""
         store = self.store
         try:
-            if seq <= store.get_read(uid, conv):
+            if seq <= await store.get_read(uid, conv):
                 # the cursor stays: nothing is written and nobody is told (a repeated
                 # receipt in a 100-member group would otherwise cost 99 pushes)
                 self.stats.receipts_unmoved += 1
                 return
-            cursor = store.set_read(uid, conv, seq)
-        except (StoreError, ConfigError):
-            return  # not a member, or a seq that does not exist: ignored
+            cursor = await store.set_read(uid, conv, seq)
+            members = await store.members(conv)
+        except (StoreError, ConfigError, CapacityError):
+            return  # not a member, a seq that does not exist, the store busy: ignored
         self.stats.receipts += 1
-        members = store.members(conv)
         if len(members) > self.config.write_fanout_max:
             return  # big groups: read cursors are kept, not broadcast
         frame = Receipt(conv=conv, seq=cursor, reader=uid)

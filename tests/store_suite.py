@@ -110,7 +110,7 @@ def _group(s: MessageStore, conv: str = "g", members: tuple[str, ...] = ("alice"
 
 
 def _fill(s: MessageStore, conv: str, n: int, sender: str = "alice") -> list[StoredMessage]:
-    return [s.append(conv, sender, i, f"m{i}".encode(), now_ms=1000 + i) for i in range(n)]
+    return [s.append(conv, sender, i, f"m{i}".encode(), wall_ms=1000 + i) for i in range(n)]
 
 
 # --- append -----------------------------------------------------------------------
@@ -130,7 +130,7 @@ class TestAppend:
     def test_returns_what_was_stored(self, store: MessageStore) -> None:
         """append returns every field, and read returns the same message."""
         conv = _group(store)
-        msg = store.append(conv, "bob", 42, b"\x00hi", now_ms=1234, msg_id=99)
+        msg = store.append(conv, "bob", 42, b"\x00hi", wall_ms=1234, msg_id=99)
         assert msg == StoredMessage(
             conv=conv, seq=1, sender="bob", cid=42, body=b"\x00hi", msg_id=99, server_ms=1234
         )
@@ -139,9 +139,9 @@ class TestAppend:
     def test_resend_returns_the_original_and_stores_nothing(self, store: MessageStore) -> None:
         """Appending the same (sender, cid) again returns the first message, seq unchanged."""
         conv = _group(store)
-        first = store.append(conv, "alice", 7, b"one", now_ms=10)
-        store.append(conv, "bob", 1, b"other", now_ms=11)
-        again = store.append(conv, "alice", 7, b"changed", now_ms=20, msg_id=5)
+        first = store.append(conv, "alice", 7, b"one", wall_ms=10)
+        store.append(conv, "bob", 1, b"other", wall_ms=11)
+        again = store.append(conv, "alice", 7, b"changed", wall_ms=20, msg_id=5)
         assert again == first
         assert store.last_seq(conv) == 2
         assert [m.body for m in store.read(conv, 0, 10).messages] == [b"one", b"other"]
@@ -149,16 +149,16 @@ class TestAppend:
     def test_same_cid_from_another_sender_is_a_new_message(self, store: MessageStore) -> None:
         """The idempotency key is (sender, cid): another sender's cid 1 is stored too."""
         conv = _group(store)
-        a = store.append(conv, "alice", 1, b"a", now_ms=1)
-        b = store.append(conv, "bob", 1, b"b", now_ms=2)
+        a = store.append(conv, "alice", 1, b"a", wall_ms=1)
+        b = store.append(conv, "bob", 1, b"b", wall_ms=2)
         assert (a.seq, b.seq) == (1, 2)
 
     def test_idempotency_is_scoped_to_the_conversation(self, store: MessageStore) -> None:
         """The same (sender, cid) in another conversation is stored there, not deduplicated."""
         g = _group(store, "g")
         h = _group(store, "h")
-        a = store.append(g, "alice", 1, b"x", now_ms=1)
-        b = store.append(h, "alice", 1, b"x", now_ms=1)
+        a = store.append(g, "alice", 1, b"x", wall_ms=1)
+        b = store.append(h, "alice", 1, b"x", wall_ms=1)
         assert (a.conv, b.conv, b.seq) == (g, h, 1)
 
     def test_seqs_are_per_conversation(self, store: MessageStore) -> None:
@@ -166,13 +166,13 @@ class TestAppend:
         g = _group(store, "g")
         h = _group(store, "h")
         _fill(store, g, 3)
-        assert store.append(h, "alice", 100, b"x", now_ms=1).seq == 1
+        assert store.append(h, "alice", 100, b"x", wall_ms=1).seq == 1
         assert store.last_seq(g) == 3
 
     def test_unknown_conversation_is_not_found(self, store: MessageStore) -> None:
         """append to a conversation never created raises ConversationNotFound (a KeyError)."""
         with pytest.raises(ConversationNotFound) as info:
-            store.append("nowhere", "alice", 1, b"x", now_ms=1)
+            store.append("nowhere", "alice", 1, b"x", wall_ms=1)
         assert isinstance(info.value, KeyError)
         assert info.value.conv == "nowhere"
 
@@ -181,25 +181,25 @@ class TestAppend:
         s = backend.make(max_body_size=4)
         conv = _group(s)
         with pytest.raises(CapacityError) as info:
-            s.append(conv, "alice", 1, b"12345", now_ms=1)
+            s.append(conv, "alice", 1, b"12345", wall_ms=1)
         assert info.value.limit == "max_body_size"
         assert s.last_seq(conv) == 0
-        assert s.append(conv, "alice", 1, b"1234", now_ms=1).seq == 1
+        assert s.append(conv, "alice", 1, b"1234", wall_ms=1).seq == 1
         s.close()
 
     @pytest.mark.parametrize(
         ("args", "kwargs"),
         [
-            (("g", "alice", 1, "text"), {"now_ms": 1}),
-            (("g", "alice", -1, b"x"), {"now_ms": 1}),
-            (("g", "alice", True, b"x"), {"now_ms": 1}),
-            (("g", "alice", 2**63, b"x"), {"now_ms": 1}),
-            (("g", "", 1, b"x"), {"now_ms": 1}),
-            (("g", "a" * 129, 1, b"x"), {"now_ms": 1}),
-            (("", "alice", 1, b"x"), {"now_ms": 1}),
-            (("g", "alice", 1, b"x"), {"now_ms": -1}),
-            (("g", "alice", 1, b"x"), {"now_ms": 1.5}),
-            (("g", "alice", 1, b"x"), {"now_ms": 1, "msg_id": -3}),
+            (("g", "alice", 1, "text"), {"wall_ms": 1}),
+            (("g", "alice", -1, b"x"), {"wall_ms": 1}),
+            (("g", "alice", True, b"x"), {"wall_ms": 1}),
+            (("g", "alice", 2**63, b"x"), {"wall_ms": 1}),
+            (("g", "", 1, b"x"), {"wall_ms": 1}),
+            (("g", "a" * 129, 1, b"x"), {"wall_ms": 1}),
+            (("", "alice", 1, b"x"), {"wall_ms": 1}),
+            (("g", "alice", 1, b"x"), {"wall_ms": -1}),
+            (("g", "alice", 1, b"x"), {"wall_ms": 1.5}),
+            (("g", "alice", 1, b"x"), {"wall_ms": 1, "msg_id": -3}),
         ],
     )
     def test_bad_arguments_raise_config_error(
@@ -224,14 +224,14 @@ class TestAppend:
         for s in (one, many):
             _group(s, "g")
             _group(s, "h")
-            s.append("g", "bob", 2, b"before", now_ms=1)
-        want = [one.append(*item[:4], now_ms=5, msg_id=item.msg_id) for item in items]
-        got = many.append_many(items, now_ms=5)
+            s.append("g", "bob", 2, b"before", wall_ms=1)
+        want = [one.append(*item[:4], wall_ms=5, msg_id=item.msg_id) for item in items]
+        got = many.append_many(items, wall_ms=5)
         assert got == want
         assert [m.seq for m in got] == [2, 1, 2, 1]
         for conv in ("g", "h"):
             assert many.read(conv, 0, 10) == one.read(conv, 0, 10)
-        assert many.append_many([], now_ms=5) == []
+        assert many.append_many([], wall_ms=5) == []
         one.close()
         many.close()
 
@@ -242,10 +242,10 @@ class TestAppend:
         ok = NewMessage(conv, "alice", 1, b"ok")
         for bad in (NewMessage("nowhere", "alice", 2, b"x"), NewMessage(conv, "bob", 3, b"12345")):
             with pytest.raises((ConversationNotFound, CapacityError)):
-                s.append_many([ok, bad], now_ms=1)
+                s.append_many([ok, bad], wall_ms=1)
             assert s.last_seq(conv) == 0
         with pytest.raises(ConfigError):
-            s.append_many([(conv, "alice", 1, b"x", 0)], now_ms=1)  # type: ignore[list-item]
+            s.append_many([(conv, "alice", 1, b"x", 0)], wall_ms=1)  # type: ignore[list-item]
         s.close()
 
 
@@ -559,7 +559,7 @@ class TestDeviceCursors:
         store.create_user("carol")
         store.create_group("other", ["carol"])
         _fill(store, conv, 2)
-        store.append("other", "carol", 1, b"x", now_ms=1)
+        store.append("other", "carol", 1, b"x", wall_ms=1)
         store.set_device_cursors("alice", "phone", {conv: 1, "other": 1, "nowhere": 4})
         assert store.device_cursors("alice", "phone") == {conv: 1}
         store.set_device_cursors("alice", "phone", {conv: 0})  # 0 is no cursor
@@ -752,8 +752,8 @@ class TestLifecycle:
         conv = _group(s)
         s.close()
         calls: list[Callable[[], object]] = [
-            lambda: s.append(conv, "alice", 1, b"x", now_ms=1),
-            lambda: s.append_many([NewMessage(conv, "alice", 1, b"x")], now_ms=1),
+            lambda: s.append(conv, "alice", 1, b"x", wall_ms=1),
+            lambda: s.append_many([NewMessage(conv, "alice", 1, b"x")], wall_ms=1),
             lambda: s.read(conv, 0, 1),
             lambda: s.last_seq(conv),
             lambda: s.inbox_read("alice", 0, 1),
@@ -789,7 +789,7 @@ class TestRestart:
         conv = _group(s)
         dm = s.create_direct("alice", "bob")
         stored = _fill(s, conv, 4)
-        s.append(dm, "bob", 1, b"psst", now_ms=3)
+        s.append(dm, "bob", 1, b"psst", wall_ms=3)
         for m in stored:
             s.inbox_add(["alice", "bob"], conv, m.seq)
         s.set_read("bob", conv, 3)
@@ -820,16 +820,16 @@ class TestRestart:
         conv = _group(s)
         top = max(m.seq for m in _fill(s, conv, 3))
         s = persistent.reopen(s)
-        assert s.append(conv, "bob", 999, b"new", now_ms=5).seq > top
+        assert s.append(conv, "bob", 999, b"new", wall_ms=5).seq > top
         s.close()
 
     def test_a_resend_after_a_restart_is_still_deduplicated(self, persistent: Backend) -> None:
         """The (sender, cid) memory survives: a resend returns the original message."""
         s = persistent.make()
         conv = _group(s)
-        first = s.append(conv, "alice", 77, b"once", now_ms=1)
+        first = s.append(conv, "alice", 77, b"once", wall_ms=1)
         s = persistent.reopen(s)
-        assert s.append(conv, "alice", 77, b"once", now_ms=2) == first
+        assert s.append(conv, "alice", 77, b"once", wall_ms=2) == first
         assert s.last_seq(conv) == 1
         s.close()
 
@@ -917,7 +917,7 @@ class Model:
                 return m
         return None
 
-    def append(self, conv: str, sender: str, cid: int, body: bytes, now_ms: int) -> StoredMessage:
+    def append(self, conv: str, sender: str, cid: int, body: bytes, wall_ms: int) -> StoredMessage:
         if len(body) > self.limits["max_body_size"]:
             raise CapacityError("max_body_size", self.limits["max_body_size"])
         c = self._conv(conv)
@@ -926,18 +926,18 @@ class Model:
             return found
         m = StoredMessage(
             conv=conv, seq=len(c.messages) + 1, sender=sender, cid=cid, body=body,
-            msg_id=now_ms * 10, server_ms=now_ms,
+            msg_id=wall_ms * 10, server_ms=wall_ms,
         )
         c.messages.append(m)
         return m
 
-    def append_many(self, items: list[NewMessage], now_ms: int) -> list[StoredMessage]:
+    def append_many(self, items: list[NewMessage], wall_ms: int) -> list[StoredMessage]:
         for item in items:
             if len(item.body) > self.limits["max_body_size"]:
                 raise CapacityError("max_body_size", self.limits["max_body_size"])
         for item in items:
             self._conv(item.conv)
-        return [self.append(i.conv, i.sender, i.cid, i.body, now_ms) for i in items]
+        return [self.append(i.conv, i.sender, i.cid, i.body, wall_ms) for i in items]
 
     def read(self, conv: str, after: int, limit: int) -> Page:
         msgs = self._conv(conv).messages
@@ -1084,7 +1084,7 @@ def make_store_machine(new_backend: Callable[[str], Backend]) -> type[RuleBasedS
             self.backend = new_backend(self.directory)
             self.store = self.backend.make(**MACHINE_LIMITS)
             self.model = Model(MACHINE_LIMITS, self.store.dedup_window)
-            self.now_ms = 0
+            self.wall_ms = 0
 
         @initialize(members=st.lists(st.sampled_from(USERS[:3]), max_size=3))
         def setup(self, members: list[str]) -> None:
@@ -1112,8 +1112,8 @@ def make_store_machine(new_backend: Callable[[str], Backend]) -> type[RuleBasedS
             assert got() == expected
 
         def tick(self) -> int:
-            self.now_ms += 1
-            return self.now_ms
+            self.wall_ms += 1
+            return self.wall_ms
 
         @rule(uid=uids)
         def create_user(self, uid: str) -> None:
@@ -1151,7 +1151,7 @@ def make_store_machine(new_backend: Callable[[str], Backend]) -> type[RuleBasedS
             now = self.tick()
             self.same(
                 lambda: self.model.append(conv, sender, cid, body, now),
-                lambda: self.store.append(conv, sender, cid, body, now_ms=now, msg_id=now * 10),
+                lambda: self.store.append(conv, sender, cid, body, wall_ms=now, msg_id=now * 10),
             )
             c = self.model.convs.get(conv)
             if c is not None and c.messages:
@@ -1177,7 +1177,7 @@ def make_store_machine(new_backend: Callable[[str], Backend]) -> type[RuleBasedS
             batch = [i._replace(msg_id=now * 10) for i in items]
             self.same(
                 lambda: self.model.append_many(batch, now),
-                lambda: self.store.append_many(batch, now_ms=now),
+                lambda: self.store.append_many(batch, wall_ms=now),
             )
 
         @rule(conv=convs, back=st.sampled_from((0, 1, 2, 3, 5, 9, -1)), limit=st.integers(1, 6))

@@ -158,7 +158,7 @@ class Proxy:
         for writer in list(self.writers):
             writer.transport.abort()
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         self.cut()
         if self.server is not None:
             self.server.close()
@@ -423,7 +423,7 @@ class TestReconnect:
                 connects = bob.connects
                 await alice.aclose()
                 await bob.aclose()
-                await proxy.close()
+                await proxy.aclose()
                 return [p.body for p in first + rest], logins, connects
 
         bodies, logins, connects = run(main)

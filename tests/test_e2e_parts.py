@@ -17,7 +17,7 @@ from examples.routes import RouteService
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imkit.aio import MemoryBus, MemoryRegistry
+from imkit.aio import InlineStore, MemoryBus, MemoryRegistry
 from imkit.discovery import GatewayInfo
 from imkit.errors import AuthError, ConfigError, UserNotFound
 from imkit.hashring import HashRing
@@ -171,7 +171,7 @@ class TestHttp:
             writer.close()
             return answer
         finally:
-            await server.close()
+            await server.aclose()
 
     def test_a_get_is_answered(self) -> None:
         """A plain GET gets its JSON answer."""
@@ -212,12 +212,14 @@ class TestSyncBudget:
             store.create_group("g1", ["alice", "bob"])
             store.create_group("g2", ["alice", "bob"])
             for i in range(100):
-                store.append("g1", "bob", i + 1, b"x" * 4000, now_ms=1)
-            store.append("g2", "bob", 1, b"y" * 4000, now_ms=1)
+                store.append("g1", "bob", i + 1, b"x" * 4000, wall_ms=1)
+            store.append("g2", "bob", 1, b"y" * 4000, wall_ms=1)
             routes = RouteService()
-            logic = Logic(store=store, routes=routes, bus=MemoryBus(), config=LogicConfig())
+            logic = Logic(
+                store=InlineStore(store), routes=routes, bus=MemoryBus(), config=LogicConfig()
+            )
             pages = await logic.sync("alice", "phone", (("g1", 0), ("g2", 0)), 100)
-            logic.close()
+            await logic.aclose()
             routes.close()
             return SyncResponse(req_id=1, pages=tuple(pages))
 

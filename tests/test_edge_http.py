@@ -71,7 +71,7 @@ def _with_server(
         try:
             return await body(server)
         finally:
-            await server.close()
+            await server.aclose()
 
     return run(main)
 

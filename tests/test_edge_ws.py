@@ -92,7 +92,7 @@ class RawWs:
 def _seed(cluster: Cluster) -> None:
     """100 messages of 4000 bytes in 'team': each sync answer is a ~64 KiB frame."""
     for i in range(100):
-        cluster.store.append("team", "bob", 10_000 + i, b"x" * 4000, now_ms=1)
+        cluster.store.append("team", "bob", 10_000 + i, b"x" * 4000, wall_ms=1)
 
 
 async def _stalled_alice(cluster: Cluster) -> RawWs:

@@ -18,19 +18,29 @@ from examples.logic import Logic, LogicConfig
 from examples.probe import RawClient
 from examples.routes import RouteService
 
-from imkit.aio import Client, MemoryBus
+from imkit.aio import Client, MemoryBus, async_store
 from imkit.policy import Backoff
 from imkit.protocol import (
     Kick,
+    Ping,
+    Pong,
     Push,
     PushAck,
     PushBatch,
+    Send,
+    SendAck,
     SyncRequest,
     SyncResponse,
 )
 from imkit.routetable import Route
 from imkit.session import ClientConfig, ServerConfig
-from imkit.store import MemoryStore, MessageStore, SqliteStore, direct_conv_id
+from imkit.store import (
+    AsyncMessageStore,
+    MemoryStore,
+    MessageStore,
+    SqliteStore,
+    direct_conv_id,
+)
 
 T = TypeVar("T")
 
@@ -50,7 +60,7 @@ def run(main: Callable[[], Coroutine[Any, Any, T]], timeout_s: float = 30.0) -> 
 class CountingStore:
     """Wraps a store and counts every method call by name (the work the logic asks for)."""
 
-    def __init__(self, inner: MessageStore) -> None:
+    def __init__(self, inner: object) -> None:
         self.inner = inner
         self.calls: collections.Counter[str] = collections.Counter()
 
@@ -78,15 +88,15 @@ def _seed(store: MessageStore, members: int = 3, messages: int = 3) -> list[str]
     store.create_group("g", uids)
     store.create_group("h", uids)
     for i in range(messages):
-        store.append("g", uids[0], i, b"x", now_ms=1)
-        store.append("h", uids[0], i, b"y", now_ms=1)
+        store.append("g", uids[0], i, b"x", wall_ms=1)
+        store.append("h", uids[0], i, b"y", wall_ms=1)
     return uids
 
 
 def _logic(store: MessageStore, config: LogicConfig | None = None) -> tuple[Logic, CountingStore]:
-    counting = CountingStore(store)
+    counting = CountingStore(async_store(store))  # SQLite on a worker thread, memory inline
     logic = Logic(
-        store=cast(MessageStore, counting),
+        store=cast(AsyncMessageStore, counting),
         routes=RouteService(grace_ms=1000),
         bus=MemoryBus(),
         config=config,
@@ -99,10 +109,12 @@ class TestSyncWork:
         """A sync listing one conversation 1000 times costs a few store calls, not thousands."""
 
         async def main() -> tuple[int, list[tuple[str, int, bool]]]:
-            logic, counting = _logic(SqliteStore(":memory:"))
-            _seed(counting.inner)
+            store = SqliteStore(":memory:")
+            _seed(store)
+            logic, counting = _logic(store)  # the SQLite store on its worker thread
             pages = await logic.sync("u1", "d", [("g", 3)] * 1000, 100)
-            logic.close()
+            await logic.aclose()
+            await logic.store.aclose()
             return counting.total, [(p.conv, len(p.messages), p.more) for p in pages]
 
         calls, pages = run(main)
@@ -113,10 +125,11 @@ class TestSyncWork:
         """Listed twice with two cursors, a conversation's page starts after the lower one."""
 
         async def main() -> list[list[int]]:
-            logic, counting = _logic(MemoryStore())
-            _seed(counting.inner)
+            store = MemoryStore()
+            logic, _counting = _logic(store)
+            _seed(store)
             pages = await logic.sync("u1", "d", [("g", 2), ("h", 3), ("g", 0)], 100)
-            logic.close()
+            await logic.aclose()
             return [[m.seq for m in p.messages] for p in pages]
 
         assert run(main) == [[1, 2, 3], []]
@@ -125,12 +138,13 @@ class TestSyncWork:
         """Membership is checked on every sync, not inferred from the device's cursors."""
 
         async def main() -> list[tuple[str, list[int], bool]]:
-            logic, counting = _logic(MemoryStore())
-            _seed(counting.inner)
+            store = MemoryStore()
+            logic, _counting = _logic(store)
+            _seed(store)
             await logic.sync("u1", "d", [("g", 1)], 100)  # learns the cursor of g
-            counting.inner.leave("u1", "g")
+            store.leave("u1", "g")
             pages = await logic.sync("u1", "d", [("g", 0)], 100)
-            logic.close()
+            await logic.aclose()
             return [(p.conv, [m.seq for m in p.messages], p.more) for p in pages]
 
         assert run(main) == [("g", [], False)]
@@ -146,7 +160,7 @@ class TestSyncWork:
                 store.create_group(conv, ["u"])
             logic, counting = _logic(store, LogicConfig(max_sync_entries=100))
             pages = await logic.sync("u", "d", [(c, 0) for c in convs], 100)
-            logic.close()
+            await logic.aclose()
             return counting.total, len(pages), sum(p.more for p in pages)
 
         calls, n_pages, n_more = run(main)
@@ -177,7 +191,7 @@ class TestSyncWork:
 
             await asyncio.gather(flood(), flood())
             elapsed = time.monotonic() - start
-            logic.close()
+            await logic.aclose()
             return counting.total, elapsed, done
 
         calls, elapsed, done = run(main)
@@ -194,11 +208,11 @@ class TestSyncWork:
             _seed(store)
             logic, _counting = _logic(store, cfg)
             for _ in range(3):  # 3 x 40 membership checks: 120 units of a 50-unit burst
-                logic.sync_now("u1", "greedy", [(f"x{i}", 0) for i in range(40)], 100)
+                await logic.sync_now("u1", "greedy", [(f"x{i}", 0) for i in range(40)], 100)
             greedy_wait = logic.sync_wait_ms("u1", "greedy")
             other_wait = logic.sync_wait_ms("u2", "phone")
             pages = await logic.sync("u2", "phone", [("g", 0)], 100)
-            logic.close()
+            await logic.aclose()
             return greedy_wait, other_wait, [m.seq for m in pages[0].messages]
 
         greedy_wait, other_wait, seqs = run(main)
@@ -239,7 +253,7 @@ class TestSyncFlood:
             )
             cluster = await start_cluster(cfg)
             counting = CountingStore(cluster.logic.store)
-            cluster.logic.store = cast(MessageStore, counting)
+            cluster.logic.store = cast(AsyncMessageStore, counting)
             try:
                 conv = direct_conv_id("alice", "bob")
                 alice = Client(
@@ -269,7 +283,7 @@ class TestSyncFlood:
                 receiver = asyncio.create_task(receive())
                 raw = await RawClient.connect(*_host_port(cluster))
                 await raw.login(cluster.token("carol", "evil"), "evil")
-                last = cluster.store.last_seq("team")
+                last = await cluster.logic.store.last_seq("team")
 
                 async def drain() -> None:
                     while True:
@@ -340,7 +354,7 @@ class TestReceipts:
             await logic.receipt("u1", "g", 3)  # moves
             moved = logic.stats.envelopes - first - repeats
             sub.close_nowait()
-            logic.close()
+            await logic.aclose()
             return first, repeats, moved
 
         first, repeats, moved = run(main)
@@ -413,3 +427,55 @@ class TestCursorsAfterRestart:
         run(first)
         pages = dict(run(second))
         assert pages.get(conv) == [4]
+
+
+class TestStoreOffTheLoop:
+    @pytest.mark.timeout(60)
+    def test_a_slow_store_write_does_not_delay_another_connections_pong(
+        self, tmp_path: Path
+    ) -> None:
+        """With an SQLite store whose append sleeps 500 ms, another connection's ping is
+        answered while that append still runs (storage runs off the event loop)."""
+
+        async def main() -> tuple[float, float, float, Any]:
+            cfg = ClusterConfig(
+                demo=True,
+                data_dir=str(tmp_path / "data"),
+                gateway=GatewayConfig(server=FAST_SERVER),
+            )
+            cluster = await start_cluster(cfg)
+            inner = cluster.store
+            original = inner.append
+            times: dict[str, float] = {}
+
+            def slow_append(*args: Any, **kwargs: Any) -> Any:
+                times["started"] = time.monotonic()
+                time.sleep(0.5)  # an fsync on a busy disk, a long range read
+                times["finished"] = time.monotonic()
+                return original(*args, **kwargs)
+
+            try:
+                sender = await RawClient.connect(*_host_port(cluster))
+                await sender.login(cluster.token("alice", "phone"), "phone")
+                pinger = await RawClient.connect(*_host_port(cluster))
+                await pinger.login(cluster.token("bob", "phone"), "phone")
+                inner.append = slow_append  # type: ignore[method-assign]
+                sender.send(Send(cid=1, conv="team", body=b"slow"))
+                while "started" not in times:  # a loop blocked by the append waits here
+                    await asyncio.sleep(0.002)
+                pinged = time.monotonic()
+                pinger.send(Ping(nonce=7))
+                pong = await pinger.expect(Pong)
+                ponged = time.monotonic()
+                ack = await sender.expect(SendAck)
+                sender.close()
+                pinger.close()
+                return pinged, ponged, times["finished"], (pong.nonce, ack.error, ack.seq > 0)
+            finally:
+                inner.append = original  # type: ignore[method-assign]
+                await cluster.stop()
+
+        pinged, ponged, finished, (nonce, error, stored) = run(main)
+        print(f"ping -> pong {(ponged - pinged) * 1000:.1f} ms during a 500 ms append")
+        assert (nonce, error, stored) == (7, 0, True)
+        assert ponged < finished  # answered while the append was still running

@@ -144,36 +144,36 @@ class TestMemoryCapacity:
         """A full store raises CapacityError on append; every stored message stays readable."""
         s = MemoryStore(max_messages=3)
         conv = _memory_group(s)
-        stored = [s.append(conv, "alice", i, b"x", now_ms=i) for i in range(3)]
+        stored = [s.append(conv, "alice", i, b"x", wall_ms=i) for i in range(3)]
         with pytest.raises(CapacityError) as info:
-            s.append(conv, "alice", 9, b"x", now_ms=9)
+            s.append(conv, "alice", 9, b"x", wall_ms=9)
         assert info.value.limit == "max_messages"
         assert s.read(conv, 0, 10).messages == tuple(stored)
-        assert s.append(conv, "alice", 1, b"x", now_ms=9) == stored[1]  # a resend still answers
+        assert s.append(conv, "alice", 1, b"x", wall_ms=9) == stored[1]  # a resend still answers
         s._check()
 
     def test_max_bytes_counts_bodies(self) -> None:
         """Bodies past max_bytes in total are refused; a smaller one still fits."""
         s = MemoryStore(max_bytes=10)
         conv = _memory_group(s)
-        s.append(conv, "alice", 1, b"123456", now_ms=1)
+        s.append(conv, "alice", 1, b"123456", wall_ms=1)
         with pytest.raises(CapacityError) as info:
-            s.append(conv, "alice", 2, b"12345", now_ms=2)
+            s.append(conv, "alice", 2, b"12345", wall_ms=2)
         assert info.value.limit == "max_bytes"
-        s.append(conv, "alice", 3, b"1234", now_ms=3)
+        s.append(conv, "alice", 3, b"1234", wall_ms=3)
         assert (s.message_count, s.byte_count) == (2, 10)
 
     def test_append_many_over_capacity_stores_nothing(self) -> None:
         """A batch that does not fit is refused whole; resends in it do not count."""
         s = MemoryStore(max_messages=3)
         conv = _memory_group(s)
-        s.append(conv, "alice", 1, b"x", now_ms=1)
+        s.append(conv, "alice", 1, b"x", wall_ms=1)
         batch = [NewMessage(conv, "alice", i, b"x") for i in (2, 3, 4)]
         with pytest.raises(CapacityError):
-            s.append_many(batch, now_ms=2)
+            s.append_many(batch, wall_ms=2)
         assert s.last_seq(conv) == 1
         fits = [NewMessage(conv, "alice", i, b"x") for i in (1, 2, 1, 3)]
-        assert [m.seq for m in s.append_many(fits, now_ms=3)] == [1, 2, 1, 3]
+        assert [m.seq for m in s.append_many(fits, wall_ms=3)] == [1, 2, 1, 3]
         s._check()
 
     def test_max_users_and_conversations(self) -> None:
@@ -204,20 +204,20 @@ class TestMemoryDedupWindow:
         """With window 3, a resend while the original is among the last 3 returns it."""
         s = MemoryStore(dedup_window=3)
         conv = _memory_group(s)
-        first = s.append(conv, "alice", 1, b"x", now_ms=1)
-        s.append(conv, "alice", 2, b"x", now_ms=2)
-        s.append(conv, "alice", 3, b"x", now_ms=3)
-        assert s.append(conv, "alice", 1, b"x", now_ms=4) == first
+        first = s.append(conv, "alice", 1, b"x", wall_ms=1)
+        s.append(conv, "alice", 2, b"x", wall_ms=2)
+        s.append(conv, "alice", 3, b"x", wall_ms=3)
+        assert s.append(conv, "alice", 1, b"x", wall_ms=4) == first
 
     def test_a_resend_beyond_the_window_is_stored_again(self) -> None:
         """The documented limit: once 3 newer messages passed, the same key is new again."""
         s = MemoryStore(dedup_window=3)
         conv = _memory_group(s)
         for cid in range(1, 5):
-            s.append(conv, "alice", cid, b"x", now_ms=cid)
-        again = s.append(conv, "alice", 1, b"x", now_ms=9)
+            s.append(conv, "alice", cid, b"x", wall_ms=cid)
+        again = s.append(conv, "alice", 1, b"x", wall_ms=9)
         assert again.seq == 5
-        assert s.append(conv, "alice", 1, b"x", now_ms=10) == again
+        assert s.append(conv, "alice", 1, b"x", wall_ms=10) == again
         s._check()
 
     @given(
@@ -234,20 +234,20 @@ class TestMemoryDedupWindow:
         for s in (one, many):
             s.create_group("g")
             for sender, cid in before:
-                s.append("g", sender, cid, b"", now_ms=1)
+                s.append("g", sender, cid, b"", wall_ms=1)
         items = [NewMessage("g", sender, cid, b"") for sender, cid in batch]
-        want = [one.append("g", i.sender, i.cid, b"", now_ms=2) for i in items]
-        assert many.append_many(items, now_ms=2) == want
+        want = [one.append("g", i.sender, i.cid, b"", wall_ms=2) for i in items]
+        assert many.append_many(items, wall_ms=2) == want
         many._check()
 
     def test_no_window_remembers_every_message(self) -> None:
         """dedup_window=None deduplicates against the whole timeline."""
         s = MemoryStore(dedup_window=None)
         conv = _memory_group(s)
-        first = s.append(conv, "alice", 0, b"x", now_ms=1)
+        first = s.append(conv, "alice", 0, b"x", wall_ms=1)
         for cid in range(1, 100):
-            s.append(conv, "alice", cid, b"x", now_ms=1)
-        assert s.append(conv, "alice", 0, b"x", now_ms=2) == first
+            s.append(conv, "alice", cid, b"x", wall_ms=1)
+        assert s.append(conv, "alice", 0, b"x", wall_ms=2) == first
 
 
 class TestMemoryInternals:
@@ -269,7 +269,7 @@ class TestMemoryInternals:
         """Many adds through a small inbox compact its list and keep exactly the newest."""
         s = MemoryStore(max_inbox=5)
         conv = _memory_group(s)
-        s.append(conv, "alice", 1, b"x", now_ms=1)
+        s.append(conv, "alice", 1, b"x", wall_ms=1)
         for _ in range(200):
             s.inbox_add(["alice"], conv, 1)
             s._check()
@@ -280,7 +280,7 @@ class TestMemoryInternals:
         """_check raises AssertionError when an invariant is broken behind the store's back."""
         s = MemoryStore()
         conv = _memory_group(s)
-        s.append(conv, "alice", 1, b"x", now_ms=1)
+        s.append(conv, "alice", 1, b"x", wall_ms=1)
         s._check()
         s._n_messages += 1
         with pytest.raises(AssertionError, match="message count"):
@@ -355,7 +355,7 @@ class TestSqliteFiles:
         s = SqliteStore(db_path)
         s.create_user("alice")
         s.create_group("g", ["alice"])
-        s.append("g", "alice", 1, b"kept", now_ms=1)
+        s.append("g", "alice", 1, b"kept", wall_ms=1)
         s.close()
         con = sqlite3.connect(db_path)
         con.executescript(
@@ -375,7 +375,7 @@ class TestSqliteFiles:
         s.create_user("alice")
         s.create_group("g", ["alice"])
         for cid in range(3):
-            s.append("g", "alice", cid, b"x", now_ms=1)
+            s.append("g", "alice", cid, b"x", wall_ms=1)
         s.set_read("alice", "g", 2)
         statements: list[str] = []
         db = s._conn()
@@ -399,7 +399,7 @@ class TestSqliteFiles:
         s.create_user("alice")
         s.create_group("g", ["alice"])
         s._conn().execute("DROP TABLE inbox")
-        s.append("g", "alice", 1, b"x", now_ms=1)
+        s.append("g", "alice", 1, b"x", wall_ms=1)
         with pytest.raises(StoreError):
             s.inbox_add(["alice"], "g", 1)
         assert s._conn().in_transaction is False
@@ -411,7 +411,7 @@ class TestSqliteFiles:
         s = SqliteStore(db_path)
         s.create_user("alice")
         s.create_group("g", ["alice"])
-        s.append("g", "alice", 1, b"x", now_ms=1)
+        s.append("g", "alice", 1, b"x", wall_ms=1)
         s._check()
         s._conn().execute("UPDATE conversations SET last_seq = 0")
         with pytest.raises(AssertionError, match="last_seq"):
@@ -423,7 +423,7 @@ class TestSqliteFiles:
         s = SqliteStore(db_path, max_inbox=10)
         s.create_user("alice")
         s.create_group("g", ["alice"])
-        s.append("g", "alice", 1, b"x", now_ms=1)
+        s.append("g", "alice", 1, b"x", wall_ms=1)
         for _ in range(6):
             s.inbox_add(["alice"], "g", 1)
         s.close()
@@ -439,13 +439,26 @@ class TestSqliteFiles:
         a, b = SqliteStore(db_path), SqliteStore(db_path)
         a.create_user("alice")
         a.create_group("g", ["alice"])
-        seqs = [a.append("g", "alice", 1, b"x", now_ms=1).seq]
-        seqs.append(b.append("g", "alice", 2, b"y", now_ms=2).seq)
-        seqs.append(a.append("g", "alice", 3, b"z", now_ms=3).seq)
+        seqs = [a.append("g", "alice", 1, b"x", wall_ms=1).seq]
+        seqs.append(b.append("g", "alice", 2, b"y", wall_ms=2).seq)
+        seqs.append(a.append("g", "alice", 3, b"z", wall_ms=3).seq)
         assert seqs == [1, 2, 3]
-        assert b.append("g", "alice", 1, b"x", now_ms=4).seq == 1
+        assert b.append("g", "alice", 1, b"x", wall_ms=4).seq == 1
         a.close()
         b.close()
+
+
+class TestSqlitePlaceholders:
+    def test_statements_use_only_nameless_placeholders(self) -> None:
+        """No SQL of SqliteStore uses numbered placeholders (?1) with sequence parameters:
+        Python 3.12 warns about it and 3.14 raises ProgrammingError."""
+        import inspect
+        import re
+
+        import imkit.store.sqlite as module
+
+        numbered = re.findall(r"\?\d+", inspect.getsource(module))
+        assert numbered == []
 
 
 class TestOpenStore:

@@ -107,7 +107,7 @@ async def scenario_gateway_kill(
         lat_before = history.latency_between(load_start, t_kill)
         lat_after = history.latency_between(t_kill, load_end)
         by_kind = history.latency_by_kind(t_kill, load_end)
-        await pop.close()
+        await pop.aclose()
     finally:
         await cluster.stop()
     times = sorted(reconnect.values())
@@ -284,10 +284,10 @@ async def scenario_restart(
         check = check_history(history, truth, wire_duplicates=pop.wire_duplicates())
         duplicates_answered = sum(c.logic.stats.duplicates for c in current)
         acks_dropped = sum(p.stats.frames_dropped.get(FrameType.SEND_ACK, 0) for p in proxies)
-        await pop.close()
+        await pop.aclose()
     finally:
         for proxy in proxies:
-            await proxy.close()
+            await proxy.aclose()
         await current[-1].stop()
         for store in stores:
             with contextlib.suppress(Exception):
@@ -399,10 +399,10 @@ async def scenario_dropped_acks(
         retried = sum(s.pushes_retried for s in gw_stats)
         abandoned = sum(s.pushes_abandoned for s in gw_stats)
         reconnects = sum(max(0, c.logins - 1) for c in pop.clients.values())
-        await pop.close()
+        await pop.aclose()
     finally:
         for proxy in proxies:
-            await proxy.close()
+            await proxy.aclose()
         await cluster.stop()
     rows = [
         *check_rows(check),

@@ -216,7 +216,7 @@ class Population:
             behind += sum(1 for uid in members if max_seq.get((uid, conv), 0) < last)
         return behind
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Stop chatter, close every client, end the consumers."""
         self.chatting.clear()
         for task in self._chatters:

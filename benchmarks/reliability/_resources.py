@@ -371,7 +371,7 @@ async def scenario_resources(
         closes = dict(gw.closes)
         stats = gw.stats.as_dict()
         cut = sum(max(0, c.logins - 1) for c in pop.clients.values())
-        await pop.close()
+        await pop.aclose()
     finally:
         await cluster.stop()
         shutil.rmtree(directory, ignore_errors=True)

@@ -11,7 +11,10 @@ Adapters that wire the sans-IO blocks to the event loop:
 * :class:`WheelDriver` (a timing wheel on the loop clock) and
   :class:`DeadlineTimer` (one timer for a session that keeps its own wheel);
 * :func:`run` / :func:`new_event_loop` (uvloop when installed), :func:`loop_ms`;
-* :class:`~imkit.aio.bus.MemoryBus` and :class:`~imkit.aio.discovery.MemoryRegistry`.
+* :class:`~imkit.aio.bus.MemoryBus` and :class:`~imkit.aio.discovery.MemoryRegistry`;
+* :class:`ThreadedStore` (a blocking store on one worker thread, in call order) and
+  :class:`InlineStore` (a store that never blocks), the awaited
+  :class:`~imkit.store.AsyncMessageStore`; :func:`async_store` picks one.
 
 See docs/aio.md and docs/bus.md.
 """
@@ -47,6 +50,7 @@ from imkit.aio._server import (
     serve,
     serve_tcp,
 )
+from imkit.aio._store import DEFAULT_MAX_QUEUED_CALLS, InlineStore, ThreadedStore, async_store
 from imkit.aio._timers import DEFAULT_CATCH_UP_MS, DEFAULT_STALL_MS, DeadlineTimer, WheelDriver
 from imkit.aio._transport import (
     DEFAULT_CLOSE_TIMEOUT_MS,
@@ -78,6 +82,7 @@ __all__ = [
     "DEFAULT_MAX_PENDING_LOGINS",
     "DEFAULT_MAX_PENDING_MESSAGES",
     "DEFAULT_MAX_PER_ADDRESS",
+    "DEFAULT_MAX_QUEUED_CALLS",
     "DEFAULT_MAX_RACING",
     "DEFAULT_MAX_UNREAD_MESSAGES",
     "DEFAULT_MAX_WRITE_BUFFER",
@@ -91,11 +96,14 @@ __all__ = [
     "Endpoint",
     "EndpointFetcher",
     "FramedConnection",
+    "InlineStore",
     "MemoryBus",
     "MemoryRegistry",
     "MemorySubscription",
     "Server",
+    "ThreadedStore",
     "WheelDriver",
+    "async_store",
     "loop_ms",
     "new_event_loop",
     "open_connection",

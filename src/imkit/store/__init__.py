@@ -4,7 +4,9 @@ registry.
 :class:`MessageStore` is the interface; :class:`MemoryStore` (the embedded default,
 everything in RAM) and :class:`SqliteStore` (persistent, one SQLite file) implement it
 and pass the same conformance suite. :func:`open_store` picks one: memory without a
-data directory, SQLite with one. See docs/store.md.
+data directory, SQLite with one. :class:`AsyncMessageStore` is the same interface
+awaited, for event-loop servers (``imkit.aio.ThreadedStore`` and
+``imkit.aio.InlineStore`` adapt a ``MessageStore`` to it). See docs/store.md.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 from pathlib import Path
 
 from imkit.errors import StoreError
+from imkit.store._async import AsyncMessageStore
 from imkit.store._base import (
     DEFAULT_DEDUP_WINDOW,
     DEFAULT_MAX_BODY_SIZE,
@@ -57,6 +60,7 @@ __all__ = [
     "MAX_CONV_LENGTH",
     "MAX_UID_LENGTH",
     "STORE_FILENAME",
+    "AsyncMessageStore",
     "ConvKind",
     "ConversationInfo",
     "InboxEntry",

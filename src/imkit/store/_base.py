@@ -98,7 +98,7 @@ DEFAULT_DEDUP_WINDOW = 65_536
 MAX_UID_LENGTH = 128
 #: Longest conversation id: room for :func:`direct_conv_id` of two maximal uids.
 MAX_CONV_LENGTH = 2 * MAX_UID_LENGTH + 16
-#: Largest integer field (cid, msg_id, now_ms, seq): SQLite's signed 64-bit INTEGER.
+#: Largest integer field (cid, msg_id, wall_ms, seq): SQLite's signed 64-bit INTEGER.
 MAX_INT = 2**63 - 1
 
 
@@ -117,7 +117,8 @@ class StoredMessage:
     """One message as stored: its conversation, seq, sender, the sender's cid, body.
 
     ``msg_id`` is the caller's global id (e.g. from ``imkit.seq.IdGenerator``; 0 if
-    none) and ``server_ms`` the ``now_ms`` the store was given when it appended it.
+    none) and ``server_ms`` the ``wall_ms`` (wall-clock time, ms since the Unix epoch)
+    the store was given when it appended it.
     """
 
     conv: str
@@ -252,16 +253,17 @@ class MessageStore(Protocol):
 
     # messages
     def append(
-        self, conv: str, sender: str, cid: int, body: bytes, *, now_ms: int, msg_id: int = 0
+        self, conv: str, sender: str, cid: int, body: bytes, *, wall_ms: int, msg_id: int = 0
     ) -> StoredMessage:
         """Store a message with the next seq of ``conv``, idempotent on (sender, cid).
 
-        Appending the same (sender, cid) to the same conversation again returns the
-        originally stored message and stores nothing.
+        ``wall_ms``: the wall-clock time (ms since the Unix epoch) kept as the
+        message's ``server_ms``. Appending the same (sender, cid) to the same
+        conversation again returns the originally stored message and stores nothing.
         """
         ...
 
-    def append_many(self, items: Iterable[NewMessage], *, now_ms: int) -> list[StoredMessage]:
+    def append_many(self, items: Iterable[NewMessage], *, wall_ms: int) -> list[StoredMessage]:
         """:meth:`append` each item in order, all or nothing (one transaction)."""
         ...
 

@@ -119,9 +119,9 @@ class MemoryStore:
     >>> store.create_user("alice"), store.create_user("bob")
     (True, True)
     >>> conv = store.create_direct("alice", "bob")
-    >>> store.append(conv, "alice", 1, b"hi", now_ms=5).seq
+    >>> store.append(conv, "alice", 1, b"hi", wall_ms=5).seq
     1
-    >>> store.append(conv, "alice", 1, b"hi", now_ms=9).server_ms  # a resend: same message
+    >>> store.append(conv, "alice", 1, b"hi", wall_ms=9).server_ms  # a resend: same message
     5
     >>> [m.body for m in store.read(conv, after_seq=0, limit=10).messages]
     [b'hi']
@@ -216,11 +216,11 @@ class MemoryStore:
     # --- messages -----------------------------------------------------------------
 
     def _store(  # noqa: PLR0917 - private hot path, positional on purpose
-        self, c: _Conv, sender: str, cid: int, body: bytes, now_ms: int, msg_id: int
+        self, c: _Conv, sender: str, cid: int, body: bytes, wall_ms: int, msg_id: int
     ) -> StoredMessage:
         messages = c.messages
         seq = len(messages) + 1
-        msg = new_message(c.conv, seq, sender, cid, body, msg_id, now_ms)
+        msg = new_message(c.conv, seq, sender, cid, body, msg_id, wall_ms)
         messages.append(msg)
         keys = c.keys
         keys[(sender, cid)] = seq
@@ -235,18 +235,18 @@ class MemoryStore:
         return msg
 
     def _refuse(  # noqa: PLR0917 - mirrors append
-        self, conv: str, sender: str, cid: int, body: bytes, now_ms: int, msg_id: int
+        self, conv: str, sender: str, cid: int, body: bytes, wall_ms: int, msg_id: int
     ) -> NoReturn:
         """Raise the error append owes these arguments (the fast check found one)."""
         check_new_message(conv, sender, cid, body, msg_id)
-        check_int(now_ms, "now_ms")
+        check_int(wall_ms, "wall_ms")
         if len(body) > self.max_body_size:
             raise CapacityError("max_body_size", self.max_body_size, f"body of {len(body)} bytes")
         self._get_conv(conv)
         raise AssertionError("append refused valid arguments")  # pragma: no cover
 
     def append(
-        self, conv: str, sender: str, cid: int, body: bytes, *, now_ms: int, msg_id: int = 0
+        self, conv: str, sender: str, cid: int, body: bytes, *, wall_ms: int, msg_id: int = 0
     ) -> StoredMessage:
         """Store a message with the next seq of ``conv``; idempotent on (sender, cid).
 
@@ -266,13 +266,13 @@ class MemoryStore:
             or not 0 < len(sender) <= MAX_UID_LENGTH
             or type(cid) is not int
             or not 0 <= cid <= MAX_INT
-            or type(now_ms) is not int
-            or not 0 <= now_ms <= MAX_INT
+            or type(wall_ms) is not int
+            or not 0 <= wall_ms <= MAX_INT
             or type(msg_id) is not int
             or not 0 <= msg_id <= MAX_INT
             or not 0 <= size <= self.max_body_size
         ):
-            self._refuse(conv, sender, cid, body, now_ms, msg_id)
+            self._refuse(conv, sender, cid, body, wall_ms, msg_id)
         seq = c.keys.get((sender, cid))
         if seq is not None:
             return c.messages[seq - 1]
@@ -280,9 +280,9 @@ class MemoryStore:
             raise CapacityError("max_messages", self.max_messages, "the store is full")
         if self._n_bytes + size > self.max_bytes:
             raise CapacityError("max_bytes", self.max_bytes, "the store is full")
-        return self._store(c, sender, cid, body, now_ms, msg_id)
+        return self._store(c, sender, cid, body, wall_ms, msg_id)
 
-    def append_many(self, items: Iterable[NewMessage], *, now_ms: int) -> list[StoredMessage]:
+    def append_many(self, items: Iterable[NewMessage], *, wall_ms: int) -> list[StoredMessage]:
         """:meth:`append` each item in order, all or nothing. O(len(items)).
 
         Every item is checked (arguments, conversation, size, and whether it is a
@@ -290,7 +290,7 @@ class MemoryStore:
         stored, so a CapacityError or a bad item leaves the store unchanged.
         """
         batch = list(items)
-        check_int(now_ms, "now_ms")
+        check_int(wall_ms, "wall_ms")
         for item in batch:
             if not isinstance(item, NewMessage):
                 raise ConfigError("append_many takes NewMessage items")
@@ -330,7 +330,7 @@ class MemoryStore:
             if seq is not None:
                 out.append(c.messages[seq - 1])
             else:
-                out.append(self._store(c, sender, cid, body, now_ms, msg_id))
+                out.append(self._store(c, sender, cid, body, wall_ms, msg_id))
         return out
 
     def read(self, conv: str, after_seq: int, limit: int) -> Page:

@@ -146,9 +146,9 @@ _SQL_DUP = (
 _SQL_BUMP = "UPDATE conversations SET last_seq = ? WHERE id = ?"
 _SQL_DEVICE_CURSOR = (
     "INSERT INTO device_cursors (uid, device, conv_id, seq) "
-    "SELECT ?1, ?2, c.id, min(?4, c.last_seq) FROM conversations c "
-    "JOIN members m ON m.conv_id = c.id AND m.uid = ?1 "
-    "WHERE c.conv = ?3 AND min(?4, c.last_seq) > 0 "
+    "SELECT :uid, :device, c.id, min(:seq, c.last_seq) FROM conversations c "
+    "JOIN members m ON m.conv_id = c.id AND m.uid = :uid "
+    "WHERE c.conv = :conv AND min(:seq, c.last_seq) > 0 "
     "ON CONFLICT (uid, device, conv_id) DO UPDATE SET seq = max(seq, excluded.seq)"
 )
 _SQL_READ = (
@@ -172,7 +172,7 @@ class SqliteStore:
     >>> store = SqliteStore(":memory:")
     >>> store.create_user("alice"), store.create_group("g", ["alice"])
     (True, True)
-    >>> store.append("g", "alice", 7, b"hello", now_ms=1).seq
+    >>> store.append("g", "alice", 7, b"hello", wall_ms=1).seq
     1
     >>> store.close()
     """
@@ -361,7 +361,7 @@ class SqliteStore:
         sender: str,
         cid: int,
         body: bytes,
-        now_ms: int,
+        wall_ms: int,
         msg_id: int,
     ) -> StoredMessage:
         row = db.execute(_SQL_CONV, (conv,)).fetchone()
@@ -369,14 +369,14 @@ class SqliteStore:
             raise ConversationNotFound(conv)
         conv_id, seq = row
         seq += 1
-        if db.execute(_SQL_INSERT, (conv_id, seq, sender, cid, body, msg_id, now_ms)).rowcount:
+        if db.execute(_SQL_INSERT, (conv_id, seq, sender, cid, body, msg_id, wall_ms)).rowcount:
             db.execute(_SQL_BUMP, (seq, conv_id))
-            return new_message(conv, seq, sender, cid, body, msg_id, now_ms)
-        seq, body, msg_id, now_ms = db.execute(_SQL_DUP, (conv_id, sender, cid)).fetchone()
-        return new_message(conv, seq, sender, cid, body, msg_id, now_ms)
+            return new_message(conv, seq, sender, cid, body, msg_id, wall_ms)
+        seq, body, msg_id, server_ms = db.execute(_SQL_DUP, (conv_id, sender, cid)).fetchone()
+        return new_message(conv, seq, sender, cid, body, msg_id, server_ms)
 
     def append(
-        self, conv: str, sender: str, cid: int, body: bytes, *, now_ms: int, msg_id: int = 0
+        self, conv: str, sender: str, cid: int, body: bytes, *, wall_ms: int, msg_id: int = 0
     ) -> StoredMessage:
         """Store a message with the next seq of ``conv``, in its own transaction.
 
@@ -385,10 +385,10 @@ class SqliteStore:
         ConfigError, CapacityError (``max_body_size``), StoreError. O(log n).
         """
         self._check_message(conv, sender, cid, body, msg_id)
-        check_int(now_ms, "now_ms")
-        return self._write(self._append1, conv, sender, cid, body, now_ms, msg_id)
+        check_int(wall_ms, "wall_ms")
+        return self._write(self._append1, conv, sender, cid, body, wall_ms, msg_id)
 
-    def append_many(self, items: Iterable[NewMessage], *, now_ms: int) -> list[StoredMessage]:
+    def append_many(self, items: Iterable[NewMessage], *, wall_ms: int) -> list[StoredMessage]:
         """:meth:`append` each item in order in one transaction: all or nothing.
 
         One commit for the whole batch: the way to many appends per second, and with
@@ -396,17 +396,17 @@ class SqliteStore:
         O(len(items) log n).
         """
         batch = list(items)
-        check_int(now_ms, "now_ms")
+        check_int(wall_ms, "wall_ms")
         for item in batch:
             if not isinstance(item, NewMessage):
                 raise ConfigError("append_many takes NewMessage items")
             self._check_message(item.conv, item.sender, item.cid, item.body, item.msg_id)
 
-        return self._write(self._append_batch, batch, now_ms)
+        return self._write(self._append_batch, batch, wall_ms)
 
     @staticmethod
     def _append_batch(
-        db: sqlite3.Connection, batch: list[NewMessage], now_ms: int
+        db: sqlite3.Connection, batch: list[NewMessage], wall_ms: int
     ) -> list[StoredMessage]:
         # The transaction holds the write lock, so each conversation's id and seq are
         # read once and its counter written once, at the end: one INSERT per message.
@@ -421,9 +421,9 @@ class SqliteStore:
                     raise ConversationNotFound(conv)
                 state = seqs[conv] = [row[0], row[1], row[1]]
             conv_id, seq = state[0], state[1] + 1
-            if execute(_SQL_INSERT, (conv_id, seq, sender, cid, body, msg_id, now_ms)).rowcount:
+            if execute(_SQL_INSERT, (conv_id, seq, sender, cid, body, msg_id, wall_ms)).rowcount:
                 state[1] = seq
-                out.append(new_message(conv, seq, sender, cid, body, msg_id, now_ms))
+                out.append(new_message(conv, seq, sender, cid, body, msg_id, wall_ms))
             else:
                 old = execute(_SQL_DUP, (conv_id, sender, cid)).fetchone()
                 out.append(new_message(conv, old[0], sender, cid, old[1], old[2], old[3]))
@@ -497,9 +497,9 @@ class SqliteStore:
             [(conv_id, seq, uid) for uid in uids],
         )
         db.executemany(
-            "DELETE FROM inbox WHERE uid = ?1 "
-            "AND cursor < (SELECT inbox_first FROM users WHERE uid = ?1)",
-            [(uid,) for uid in uids],
+            "DELETE FROM inbox WHERE uid = ? "
+            "AND cursor < (SELECT inbox_first FROM users WHERE uid = ?)",
+            [(uid, uid) for uid in uids],
         )
 
     def inbox_read(self, uid: str, after_cursor: int, limit: int) -> InboxPage:
@@ -640,7 +640,10 @@ class SqliteStore:
             db.execute(
                 "UPDATE devices SET stamp = ? WHERE uid = ? AND device = ?", (top + 1, uid, device)
             )
-        db.executemany(_SQL_DEVICE_CURSOR, [(uid, device, conv, seq) for conv, seq in items])
+        db.executemany(
+            _SQL_DEVICE_CURSOR,
+            [{"uid": uid, "device": device, "conv": conv, "seq": seq} for conv, seq in items],
+        )
 
     def device_cursors(self, uid: str, device: str) -> dict[str, int]:
         """The cursors of ``device`` of ``uid`` ({} for an unknown device). UserNotFound.
