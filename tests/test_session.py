@@ -594,6 +594,55 @@ class TestServerTimers:
             b.session.on_timer(item, 10**9)
 
 
+class TestPushTimeout:
+    """The first push timeout follows each link's measured ack time (RFC 6298, Karn)."""
+
+    def test_the_estimate_follows_rfc_6298(self) -> None:
+        """SRTT/RTTVAR gains 1/8 and 1/4, RTO = SRTT + 4 RTTVAR, floor at the first delay."""
+        s = Server(ServerConfig(push_retry=RETRY))  # first delay 100 ms
+        s.login()
+        seen = []
+        for seq, ack_after in enumerate((80, 80, 20), start=1):
+            s.session.push(push("c", seq), s.now)
+            s.recv(PushAck(conv="c", seq=seq), dt=ack_after)
+            seen.append(s.session.push_timeout_ms)
+        # 80: srtt 80, var 40 -> 240; 80: var 40 + (0 - 40) // 4 = 30, srtt 80 -> 200;
+        # 20: var 30 + (60 - 30) // 4 = 37, srtt 80 + (20 - 80) // 8 = 72 -> 72 + 148 = 220
+        assert seen == [240, 200, 220]
+
+    def test_a_slow_but_live_link_gets_no_spurious_resends(self) -> None:
+        """Acks at 2.9 s, then one at 4.5 s: with a fixed 3 s timeout that push goes twice."""
+        s = Server()  # the default schedule: first retry after 3 s
+        s.login()
+        for seq in range(1, 6):
+            s.session.push(push("c", seq), s.now)
+            assert s.advance(2_900) == []
+            s.recv(PushAck(conv="c", seq=seq))
+        s.session.push(push("c", 6), s.now)
+        # 2.9 s five times: SRTT 2,900 ms, RTTVAR 458 ms -> a 4,732 ms timeout
+        assert s.advance(4_500) == []  # no resend: this link's timeout grew past 4.5 s
+        s.recv(PushAck(conv="c", seq=6))
+        assert s.session.stats.pushes_retried == 0
+        assert s.session.push_timeout_ms > 4_500
+
+    def test_a_retransmitted_flight_gives_no_sample(self) -> None:
+        """Karn's rule: an ack after a resend may answer either copy, so it is ignored."""
+        s = Server(ServerConfig(push_retry=RETRY))
+        s.login()
+        s.session.push(push("c", 1), s.now)
+        assert only(s.advance(100), Push)  # resent at the first timeout
+        s.recv(PushAck(conv="c", seq=1), dt=10)
+        assert s.session.push_timeout_ms == 100
+
+    def test_the_timeout_is_capped(self) -> None:
+        """No estimate grows past max_push_rto_ms."""
+        s = Server(ServerConfig(max_push_rto_ms=5_000))
+        s.login()
+        s.session.push(push("c", 1), s.now)
+        s.recv(PushAck(conv="c", seq=1), dt=2_999)
+        assert s.session.push_timeout_ms == 5_000
+
+
 class ServerTrackingMachine(RuleBasedStateMachine):
     """ServerSession push tracking against a model of tracked pushes and their timers."""
 
@@ -606,9 +655,25 @@ class ServerTrackingMachine(RuleBasedStateMachine):
         )
         self.s.login()
         self.tracked: dict[tuple[str, int], int] = {}  # (conv, seq) -> flight id
-        self.flights: dict[int, list[int]] = {}  # flight id -> [attempts, due_ms]
+        self.flights: dict[int, list[int]] = {}  # flight id -> [attempts, due_ms, sent_ms]
         self.highest: dict[str, int] = {}
         self.next_flight = 0
+        # the push timeout oracle: RFC 6298 in plain arithmetic (first delay 100 ms)
+        self.srtt = self.rttvar = 0
+        self.rto = 100
+
+    def sample(self, fid: int) -> None:
+        """The model's RFC 6298 update when flight ``fid`` (sent once) is acked whole."""
+        attempts, _, sent = self.flights[fid]
+        if attempts:
+            return  # Karn: a retransmitted flight gives no sample
+        r = self.s.now - sent
+        if self.srtt == 0:
+            self.srtt, self.rttvar = max(1, r), r // 2
+        else:
+            self.rttvar += (abs(self.srtt - r) - self.rttvar) // 4
+            self.srtt = max(1, self.srtt + (r - self.srtt) // 8)
+        self.rto = min(max(self.srtt + 4 * self.rttvar, 100), 30_000)
 
     @rule(conv=st.sampled_from("ab"), seqs=st.lists(st.integers(1, 6), min_size=1, max_size=3))
     def push(self, conv: str, seqs: list[int]) -> None:
@@ -623,7 +688,7 @@ class ServerTrackingMachine(RuleBasedStateMachine):
         assert len(out) == (1 if fresh else 0)
         if fresh:
             fid = self.next_flight = self.next_flight + 1
-            self.flights[fid] = [0, self.s.now + 100]
+            self.flights[fid] = [0, self.s.now + self.rto, self.s.now]
             for q in fresh:
                 self.tracked[(conv, q)] = fid
                 self.highest[conv] = max(self.highest.get(conv, 0), q)
@@ -634,13 +699,15 @@ class ServerTrackingMachine(RuleBasedStateMachine):
         before = len(self.tracked)
         mine = [q for (c, q) in self.tracked if c == conv]
         if mine:
+            acked: list[int] = []  # flight ids, in the order their pushes were released
             if cumulative:
                 if seq <= self.highest[conv]:
-                    for q in mine:
-                        if q <= seq:
-                            del self.tracked[(conv, q)]
-            else:
-                self.tracked.pop((conv, seq), None)
+                    acked.extend(self.tracked.pop((conv, q)) for q in mine if q <= seq)
+            elif (conv, seq) in self.tracked:
+                acked.append(self.tracked.pop((conv, seq)))
+            for fid in dict.fromkeys(acked):
+                if fid not in self.tracked.values():
+                    self.sample(fid)  # its last push was acked
             if not any(c == conv for c, _ in self.tracked):
                 del self.highest[conv]
         # PushAcked exactly when the ack released something the session tracked
@@ -654,7 +721,7 @@ class ServerTrackingMachine(RuleBasedStateMachine):
         now = self.s.now
         resent: set[tuple[str, int]] = set()
         notified: dict[str, int] = {}
-        for fid, (attempts, due) in sorted(self.flights.items()):
+        for fid, (attempts, due, sent) in sorted(self.flights.items()):
             live = [k for k, f in self.tracked.items() if f == fid]
             if due > now or not live:
                 continue
@@ -663,7 +730,8 @@ class ServerTrackingMachine(RuleBasedStateMachine):
                     del self.tracked[k]
                     notified[k[0]] = max(notified.get(k[0], 0), k[1])
             else:
-                self.flights[fid] = [attempts + 1, now + min(400, 100 * 2 ** (attempts + 1))]
+                delay = min(400, 100 * 2 ** (attempts + 1)) * self.rto // 100
+                self.flights[fid] = [attempts + 1, now + delay, sent]
                 resent.update(live)
         for conv in list(self.highest):
             if not any(c == conv for c, _ in self.tracked):
@@ -680,6 +748,7 @@ class ServerTrackingMachine(RuleBasedStateMachine):
     @invariant()
     def same_tracking(self) -> None:
         assert self.s.session.tracked_pushes == len(self.tracked)
+        assert self.s.session.push_timeout_ms == self.rto
 
 
 TestServerTrackingMachine = ServerTrackingMachine.TestCase

@@ -62,6 +62,7 @@ from imkit.session._limits import (
     pace_limits,
 )
 from imkit.session._server import (
+    DEFAULT_MAX_PUSH_RTO_MS,
     DEFAULT_MAX_SYNC_LIMIT,
     DEFAULT_MAX_SYNCS_IN_FLIGHT,
     DEFAULT_MAX_TRACKED_PUSHES,
@@ -101,6 +102,7 @@ __all__ = [
     "DEFAULT_MAX_FRAMES_PER_S",
     "DEFAULT_MAX_HELD",
     "DEFAULT_MAX_IN_FLIGHT",
+    "DEFAULT_MAX_PUSH_RTO_MS",
     "DEFAULT_MAX_QUEUED",
     "DEFAULT_MAX_SENDS_IN_FLIGHT",
     "DEFAULT_MAX_SYNCS_IN_FLIGHT",

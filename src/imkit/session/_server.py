@@ -74,6 +74,7 @@ __all__ = [
     "DEFAULT_FRAME_BURST",
     "DEFAULT_LOGIN_TIMEOUT_MS",
     "DEFAULT_MAX_FRAMES_PER_S",
+    "DEFAULT_MAX_PUSH_RTO_MS",
     "DEFAULT_MAX_SENDS_IN_FLIGHT",
     "DEFAULT_MAX_SYNCS_IN_FLIGHT",
     "DEFAULT_MAX_SYNC_LIMIT",
@@ -99,6 +100,13 @@ DEFAULT_MAX_TRACKED_PUSHES = 1024
 #: retransmission storms on slow mobile links), then 6 s and 12 s; after 3 retries
 #: the push is left to sync (33 s in all, past the 30 s heartbeat interval).
 DEFAULT_PUSH_RETRY = ExponentialBackoff(base_ms=3_000, cap_ms=12_000, max_attempts=3)
+#: Longest first push timeout the per-connection estimate may grow to (RFC 6298's
+#: RTO = SRTT + 4 RTTVAR, from the acks of pushes sent once: Karn's rule). A client
+#: whose acks come back slower than this is behind by more than the 30 s heartbeat
+#: interval; the fixed 3 s would resend every push of a slow but live link again and
+#: again (a push arrives, then its copy, doubling the work exactly when the link or
+#: the server is overloaded: measured with benchmarks/bench_overload.py).
+DEFAULT_MAX_PUSH_RTO_MS = 30_000
 #: After 100 refused frames with no quiet gap of ``violation_window_ms``, the client
 #: is kicked: half a second of a 2x flood, never a burst that backs off when told.
 DEFAULT_MAX_VIOLATIONS = 100
@@ -168,6 +176,9 @@ class ServerConfig:
     push_retry: ExponentialBackoff = attrs.field(
         default=DEFAULT_PUSH_RETRY, validator=_instance_field(ExponentialBackoff)
     )
+    #: the first push timeout adapts to each connection's measured ack time, between
+    #: ``push_retry``'s first delay and this; later retries scale with it
+    max_push_rto_ms: int = attrs.field(default=DEFAULT_MAX_PUSH_RTO_MS, validator=_at_least_1)
     max_frames_per_s: int = attrs.field(default=DEFAULT_MAX_FRAMES_PER_S, validator=_at_least_1)
     frame_burst: int = attrs.field(default=DEFAULT_FRAME_BURST, validator=_at_least_1)
     max_violations: int = attrs.field(default=DEFAULT_MAX_VIOLATIONS, validator=_at_least_1)
@@ -196,6 +207,7 @@ class ServerConfig:
     #: derived: ``push_retry.delay_ms(0)``, computed once (the per-push path reads it)
     first_push_retry_ms: int = attrs.field(init=False, default=0)
     #: derived: from a push's first send to its abandonment, the whole retry schedule
+    #: at the initial timeout (a link with a longer measured ack time scales it)
     push_give_up_ms: int = attrs.field(init=False, default=0)
 
     def __attrs_post_init__(self) -> None:
@@ -291,13 +303,14 @@ class _Liveness(ServerTimer):
 class _Flight(ServerTimer):
     """Pushes sent in one frame, retried together by one timer until all are acked."""
 
-    __slots__ = ("attempts", "handle", "live", "pushes")
+    __slots__ = ("attempts", "handle", "live", "pushes", "sent_ms")
 
-    def __init__(self, session: ServerSession, pushes: tuple[Push, ...]) -> None:
+    def __init__(self, session: ServerSession, pushes: tuple[Push, ...], sent_ms: int) -> None:
         self.session = session
         self.pushes = pushes
         self.live = len(pushes)  # how many of ``pushes`` are still tracked
         self.attempts = 0  # retransmissions so far
+        self.sent_ms = sent_ms  # first transmission
         self.handle: TimerHandle[ServerTimer] | None = None
 
 
@@ -339,6 +352,9 @@ class ServerSession:
         "_liveness",
         "_pending",
         "_resume",
+        "_rto_ms",
+        "_rttvar_ms",
+        "_srtt_ms",
         "_syncs",
         "_tracked",
         "_violations",
@@ -381,6 +397,10 @@ class ServerSession:
         self.version = MIN_PROTOCOL_VERSION
         self._last_rx_ms = now_ms
         self._last_ack_ms = now_ms - 1  # the last PushAck accepted: none yet
+        # push ack time estimate (RFC 6298): 0 = no sample yet; the first timeout
+        self._srtt_ms = 0
+        self._rttvar_ms = 0
+        self._rto_ms = cfg.first_push_retry_ms
         self._liveness = wheel.add(now_ms + cfg.login_timeout_ms, _Liveness(self))
         self._bucket: TokenBucket | None = None
         # the structures below are created on first use and dropped when empty,
@@ -582,13 +602,16 @@ class ServerSession:
                 self.stats.acks_ignored += 1
                 return []
             for q in done:
-                self._untrack(seqs.pop(q))
+                flight = seqs.pop(q)
+                if self._untrack(flight):
+                    self._sample_rtt(flight, now_ms)
         else:
             f = seqs.pop(s, None)
             if f is None:
                 self.stats.acks_ignored += 1
                 return []
-            self._untrack(f)
+            if self._untrack(f):
+                self._sample_rtt(f, now_ms)
         if not seqs:
             self._forget_conv(conv)
         self._last_ack_ms = now_ms
@@ -733,7 +756,7 @@ class ServerSession:
         highest = self._highest
         assert highest is not None
         fresh: list[Push] = []
-        flight = _Flight(self, ())
+        flight = _Flight(self, (), now_ms)
         for p in items:
             conv = p.conv
             seqs = convs.get(conv)
@@ -757,7 +780,7 @@ class ServerSession:
             return self._kick(ErrorCode.SLOW_CONSUMER, "too many unacknowledged pushes")
         flight.pushes = tuple(fresh)
         flight.live = len(fresh)
-        flight.handle = self._wheel.add(now_ms + self._cfg.first_push_retry_ms, flight)
+        flight.handle = self._wheel.add(now_ms + self._rto_ms, flight)
         if len(fresh) == 1:
             return [fresh[0]]
         return [PushBatch(pushes=flight.pushes)]
@@ -780,21 +803,52 @@ class ServerSession:
             return []
         elif seq > highest[conv]:
             highest[conv] = seq
-        flight = _Flight(self, (p,))
+        flight = _Flight(self, (p,), now_ms)
         seqs[seq] = flight
         self._tracked += 1
         cfg = self._cfg
         if self._tracked > cfg.max_tracked_pushes:
             self.stats.slow_consumer_kicks += 1
             return self._kick(ErrorCode.SLOW_CONSUMER, "too many unacknowledged pushes")
-        flight.handle = self._wheel.add(now_ms + cfg.first_push_retry_ms, flight)
+        flight.handle = self._wheel.add(now_ms + self._rto_ms, flight)
         return [p]
 
-    def _untrack(self, f: _Flight) -> None:
+    def _untrack(self, f: _Flight) -> bool:
+        """Forget one push of ``f``; True when that was its last one. O(1)."""
         self._tracked -= 1
         f.live -= 1
         if f.live == 0 and f.handle is not None:
             f.handle.cancel()
+            return True
+        return False
+
+    def _sample_rtt(self, f: _Flight, now_ms: int) -> None:
+        """A flight sent once was acked whole: update the push timeout. O(1).
+
+        RFC 6298 (Jacobson/Karels): SRTT and RTTVAR with gains 1/8 and 1/4, RTO =
+        SRTT + 4 RTTVAR, kept between ``push_retry``'s first delay and
+        ``max_push_rto_ms``. Retransmitted flights give no sample (Karn's rule: the
+        ack may answer either copy).
+        """
+        if f.attempts:
+            return
+        sample = now_ms - f.sent_ms
+        if sample < 0:
+            return
+        if self._srtt_ms == 0:
+            self._srtt_ms = max(1, sample)
+            self._rttvar_ms = sample // 2
+        else:
+            self._rttvar_ms += (abs(self._srtt_ms - sample) - self._rttvar_ms) // 4
+            self._srtt_ms = max(1, self._srtt_ms + (sample - self._srtt_ms) // 8)
+        cfg = self._cfg
+        rto = self._srtt_ms + 4 * self._rttvar_ms
+        self._rto_ms = min(max(rto, cfg.first_push_retry_ms), cfg.max_push_rto_ms)
+
+    @property
+    def push_timeout_ms(self) -> int:
+        """The first push timeout now (RFC 6298 estimate, see ``max_push_rto_ms``). O(1)."""
+        return self._rto_ms
 
     def _forget_conv(self, conv: str) -> None:
         convs = self._convs
@@ -841,7 +895,7 @@ class ServerSession:
         cfg = self._cfg
         retry = cfg.push_retry
         if retry.exhausted(f.attempts):
-            if cfg.kick_unresponsive and self._last_ack_ms < now_ms - cfg.push_give_up_ms:
+            if cfg.kick_unresponsive and self._last_ack_ms < f.sent_ms:
                 # Nothing acknowledged since this push first went out: not reading.
                 self.stats.pushes_abandoned += len(live)
                 self.stats.unresponsive_kicks += 1
@@ -860,7 +914,9 @@ class ServerSession:
         f.attempts += 1
         f.pushes = tuple(live)
         assert f.handle is not None
-        f.handle.reschedule(now_ms + retry.delay_ms(f.attempts))
+        # later retries keep the schedule's shape, scaled to this link's timeout
+        delay = retry.delay_ms(f.attempts) * self._rto_ms // cfg.first_push_retry_ms
+        f.handle.reschedule(now_ms + delay)
         self.stats.pushes_retried += len(live)
         if len(live) == 1:
             return [live[0]]
@@ -935,6 +991,11 @@ class ServerSession:
 
         cfg = self._cfg
         state = self.state
+        low = min(cfg.first_push_retry_ms, cfg.max_push_rto_ms)
+        if not low <= self._rto_ms <= max(cfg.first_push_retry_ms, cfg.max_push_rto_ms):
+            fail(f"push timeout {self._rto_ms} ms outside its bounds")
+        if self._srtt_ms < 0 or self._rttvar_ms < 0:
+            fail("negative ack time estimate")
         if state is ServerState.CLOSED:
             if self._liveness.pending:
                 fail("closed with the liveness timer pending")
