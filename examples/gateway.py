@@ -744,7 +744,14 @@ class Gateway:
                 request, self.auth, self.logic, enabled=self.config.dev_tokens
             )
         if request.path == "/healthz":
-            return json_response({"gateway": self.id, "connections": self.connections})
+            return json_response({
+                "gateway": self.id,
+                "connections": self.connections,
+                "lagged": self.lagged,
+                "shed": self.shedder.shed,
+                "sessions": self.stats.as_dict(),  # summed over every session here
+                "logic": self.logic.stats.as_dict(),
+            })
         return Response(status=404)
 
     async def _upgrade(

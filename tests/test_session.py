@@ -626,13 +626,14 @@ class TestPushTimeout:
         assert s.session.push_timeout_ms > 4_500
 
     def test_a_retransmitted_flight_gives_no_sample(self) -> None:
-        """Karn's rule: an ack after a resend may answer either copy, so it is ignored."""
+        """Karn's rule: an ack after a resend is ignored; the timeout itself backed off."""
         s = Server(ServerConfig(push_retry=RETRY))
         s.login()
         s.session.push(push("c", 1), s.now)
-        assert only(s.advance(100), Push)  # resent at the first timeout
+        assert only(s.advance(100), Push)  # resent at the first timeout ...
+        assert s.session.push_timeout_ms == 200  # ... which doubles it (RFC 6298 5.5)
         s.recv(PushAck(conv="c", seq=1), dt=10)
-        assert s.session.push_timeout_ms == 100
+        assert s.session.push_timeout_ms == 200  # a 110 ms "sample" would lower it
 
     def test_the_timeout_is_capped(self) -> None:
         """No estimate grows past max_push_rto_ms."""
@@ -655,7 +656,8 @@ class ServerTrackingMachine(RuleBasedStateMachine):
         )
         self.s.login()
         self.tracked: dict[tuple[str, int], int] = {}  # (conv, seq) -> flight id
-        self.flights: dict[int, list[int]] = {}  # flight id -> [attempts, due_ms, sent_ms]
+        # flight id -> [attempts, due_ms, sent_ms, its first timeout]
+        self.flights: dict[int, list[int]] = {}
         self.highest: dict[str, int] = {}
         self.next_flight = 0
         # the push timeout oracle: RFC 6298 in plain arithmetic (first delay 100 ms)
@@ -664,7 +666,7 @@ class ServerTrackingMachine(RuleBasedStateMachine):
 
     def sample(self, fid: int) -> None:
         """The model's RFC 6298 update when flight ``fid`` (sent once) is acked whole."""
-        attempts, _, sent = self.flights[fid]
+        attempts, _, sent, _ = self.flights[fid]
         if attempts:
             return  # Karn: a retransmitted flight gives no sample
         r = self.s.now - sent
@@ -688,7 +690,7 @@ class ServerTrackingMachine(RuleBasedStateMachine):
         assert len(out) == (1 if fresh else 0)
         if fresh:
             fid = self.next_flight = self.next_flight + 1
-            self.flights[fid] = [0, self.s.now + self.rto, self.s.now]
+            self.flights[fid] = [0, self.s.now + self.rto, self.s.now, self.rto]
             for q in fresh:
                 self.tracked[(conv, q)] = fid
                 self.highest[conv] = max(self.highest.get(conv, 0), q)
@@ -721,7 +723,7 @@ class ServerTrackingMachine(RuleBasedStateMachine):
         now = self.s.now
         resent: set[tuple[str, int]] = set()
         notified: dict[str, int] = {}
-        for fid, (attempts, due, sent) in sorted(self.flights.items()):
+        for fid, (attempts, due, sent, rto) in sorted(self.flights.items()):
             live = [k for k, f in self.tracked.items() if f == fid]
             if due > now or not live:
                 continue
@@ -730,8 +732,9 @@ class ServerTrackingMachine(RuleBasedStateMachine):
                     del self.tracked[k]
                     notified[k[0]] = max(notified.get(k[0], 0), k[1])
             else:
-                delay = min(400, 100 * 2 ** (attempts + 1)) * self.rto // 100
-                self.flights[fid] = [attempts + 1, now + delay, sent]
+                delay = min(400, 100 * 2 ** (attempts + 1)) * rto // 100
+                self.flights[fid] = [attempts + 1, now + delay, sent, rto]
+                self.rto = min(self.rto * 2, 30_000)  # RFC 6298 5.5: back off
                 resent.update(live)
         for conv in list(self.highest):
             if not any(c == conv for c, _ in self.tracked):
@@ -928,6 +931,51 @@ class TestClientSend:
         c.connect()
         with pytest.raises(LocalProtocolError):
             c.c.connection_made(0)
+
+
+class TestSendTimeout:
+    """The client's first send timeout follows the server's answer time (RFC 6298, Karn)."""
+
+    def test_a_slow_server_gets_no_duplicate_sends(self) -> None:
+        """Answers at 1.9 s, then one at 2.5 s: with the fixed 2 s timeout it was sent twice."""
+        c = Client()
+        c.connect()
+        for _ in range(5):
+            cid, _ = c.send()
+            assert c.advance(1_900) == []
+            c.recv(SendAck(cid=cid, conv="c", seq=cid))
+        # 1.9 s five times: SRTT 1,900 ms, RTTVAR 300 ms -> a 3,100 ms timeout
+        assert c.c.send_timeout_ms == rto_chain(1_900, 5) == 3_100
+        cid, _ = c.send()
+        assert only(c.advance(2_500), Send) == []  # not resent
+        c.recv(SendAck(cid=cid, conv="c", seq=cid))
+        assert c.c.stats.resends == 0
+
+    def test_a_resent_send_gives_no_sample(self) -> None:
+        """Karn's rule: an answer after a resend is ignored; the timeout itself backed off."""
+        c = Client()
+        c.connect()
+        cid, _ = c.send()
+        assert only(c.advance(2_000), Send)  # resent at the 2 s timeout, which doubles
+        c.recv(SendAck(cid=cid, conv="c", seq=1), dt=100)
+        assert c.c.send_timeout_ms == 4_000  # a 2.1 s "sample" would have lowered it
+
+    def test_the_timeout_is_capped(self) -> None:
+        """No estimate grows past max_send_rto_ms."""
+        c = Client(max_send_rto_ms=3_000)
+        c.connect()
+        cid, _ = c.send()
+        c.recv(SendAck(cid=cid, conv="c", seq=1), dt=1_999)
+        assert c.c.send_timeout_ms == 3_000
+
+
+def rto_chain(sample: int, n: int) -> int:
+    """The RTO after ``n`` equal samples, by the RFC 6298 formulas written out."""
+    srtt, var = sample, sample // 2
+    for _ in range(n - 1):
+        var = var + (abs(srtt - sample) - var) // 4
+        srtt = srtt + (sample - srtt) // 8
+    return srtt + 4 * var
 
 
 class TestClientReceive:

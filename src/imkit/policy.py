@@ -59,6 +59,7 @@ __all__ = [
     "HeartbeatPolicy",
     "HeartbeatTracker",
     "TokenBucket",
+    "rto_update",
 ]
 
 #: 30 s: below the 5-minute NAT/GGSN idle timeouts common on mobile carriers (the
@@ -136,6 +137,29 @@ def _check_rand(rand: float) -> None:
 def _check_attempt(attempt: int) -> None:
     if attempt < 0:
         raise ConfigError(f"attempt must be >= 0, got {attempt}")
+
+
+def rto_update(srtt_ms: int, rttvar_ms: int, sample_ms: int) -> tuple[int, int, int]:
+    """One RFC 6298 step: the new ``(srtt_ms, rttvar_ms, rto_ms)`` after a round trip. O(1).
+
+    Jacobson/Karels in integer ms: the first sample (``srtt_ms == 0``) sets SRTT to it
+    and RTTVAR to half of it; later ones move RTTVAR by 1/4 of the error and SRTT by
+    1/8; RTO = SRTT + 4 RTTVAR. Callers clamp the RTO to their own bounds and skip
+    samples of retransmitted messages (Karn's rule). Used by both delivery sessions
+    for their retry timeouts (pushes, sends).
+
+    >>> rto_update(0, 0, 80)
+    (80, 40, 240)
+    >>> rto_update(80, 40, 80)
+    (80, 30, 200)
+    """
+    sample = max(0, sample_ms)
+    if srtt_ms <= 0:
+        srtt, var = max(1, sample), sample // 2
+    else:
+        var = rttvar_ms + (abs(srtt_ms - sample) - rttvar_ms) // 4
+        srtt = max(1, srtt_ms + (sample - srtt_ms) // 8)
+    return srtt, var, srtt + 4 * var
 
 
 @attrs.frozen(kw_only=True)

@@ -205,6 +205,13 @@ class ClientSession:
         return len(self._outbox.in_flight)
 
     @property
+    def send_timeout_ms(self) -> int | None:
+        """The first send timeout now: ``send_retry``'s first delay, adapted to the
+        server's measured answer time (RFC 6298, up to ``max_send_rto_ms``); None for
+        a jittered ``send_retry``, which is used as it is. O(1)."""
+        return self._outbox.send_timeout_ms
+
+    @property
     def queued(self) -> int:
         """Sends waiting for an in-flight slot or a connection. O(1)."""
         return len(self._outbox.queue)

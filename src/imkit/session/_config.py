@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_MAX_CURSORS",
     "DEFAULT_MAX_HELD",
     "DEFAULT_MAX_QUEUED",
+    "DEFAULT_MAX_SEND_RTO_MS",
     "DEFAULT_MAX_SYNC_CONVS",
     "DEFAULT_RECONNECT",
     "DEFAULT_SEND_RETRY",
@@ -53,6 +54,13 @@ DEFAULT_MAX_QUEUED: Final = 1024
 #: then give up (30 s after the first try, plus the last 16 s wait). Reconnects
 #: resend without counting: a lost connection is not a failed send.
 DEFAULT_SEND_RETRY: Final = ExponentialBackoff(base_ms=2_000, cap_ms=16_000, max_attempts=4)
+#: Longest first send timeout the per-connection estimate of the server's answer
+#: time may grow to (RFC 6298 from sends answered on their first transmission, as
+#: the server does for pushes). A server that answers slower than the 30 s heartbeat
+#: interval is as good as gone; below it, a fixed 2 s timeout would resend every send
+#: of a loaded server, which then does the work twice (measured with
+#: benchmarks/bench_overload.py: ~1 duplicate send per message at 2x saturation).
+DEFAULT_MAX_SEND_RTO_MS: Final = 30_000
 #: Reconnect: full jitter between 0 and 0.5 s doubling to 30 s (AWS "Exponential
 #: Backoff And Jitter"); replaced by the server's ``LoginAck`` hints once logged in.
 DEFAULT_RECONNECT: Final = Backoff(base_ms=500, cap_ms=30_000)
@@ -122,6 +130,9 @@ class ClientConfig:
     send_retry: ExponentialBackoff | Backoff = attrs.field(
         default=DEFAULT_SEND_RETRY, validator=_instance_field(ExponentialBackoff, Backoff)
     )
+    #: the first send timeout adapts to the server's measured answer time, between
+    #: ``send_retry``'s first delay and this (an ExponentialBackoff ``send_retry`` only)
+    max_send_rto_ms: int = attrs.field(default=DEFAULT_MAX_SEND_RTO_MS, validator=_at_least_1)
     reconnect: Backoff = attrs.field(default=DEFAULT_RECONNECT, validator=_instance_field(Backoff))
     #: sends transmitted and unanswered (lowered to the quota a v2 server announces)
     max_in_flight: int = attrs.field(default=DEFAULT_MAX_IN_FLIGHT, validator=_at_least_1)

@@ -19,7 +19,7 @@ import random
 from collections import deque
 
 from imkit.errors import CapacityError
-from imkit.policy import ExponentialBackoff, TokenBucket
+from imkit.policy import ExponentialBackoff, TokenBucket, rto_update
 from imkit.protocol import ErrorCode, Login, LoginAck, Message, PushAck, Receipt, Send, SendAck
 from imkit.session._common import (
     HOLD,
@@ -47,12 +47,14 @@ _HOLD_CODES = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.QUOTA_EXCEEDED, Error
 class _Outgoing:
     """A transmitted, unacknowledged send."""
 
-    __slots__ = ("handle", "msg", "retries", "sent")
+    __slots__ = ("handle", "msg", "retries", "rto_ms", "sent", "sent_ms")
 
-    def __init__(self, msg: Send) -> None:
+    def __init__(self, msg: Send, sent_ms: int, rto_ms: int | None) -> None:
         self.msg = msg
         self.retries = 0  # timer-driven retransmissions on a live connection
         self.sent = 0  # transmissions in all (first, retries, reconnect resends)
+        self.sent_ms = sent_ms  # the first transmission
+        self.rto_ms = rto_ms  # its first timeout (None: a jittered policy)
         self.handle: TimerHandle[TimerItem] | None = None
 
 
@@ -81,6 +83,11 @@ class Outbox:
         self._first_retry_ms = (
             send_retry.delay_ms(0) if isinstance(send_retry, ExponentialBackoff) else None
         )
+        # the server's answer time (RFC 6298; 0 = no sample): the first send timeout
+        self._srtt_ms = 0
+        self._rttvar_ms = 0
+        self._rto_ms = self._first_retry_ms
+        self._max_rto_ms = cfg.max_send_rto_ms
         self._max_in_flight = cfg.max_in_flight
         self._max_queued = cfg.max_queued
         self._max_cid_span = cfg.max_cid_span
@@ -217,16 +224,38 @@ class Outbox:
                 break
             budget -= 1
             queue.popleft()
-            e = _Outgoing(msg)
+            e = _Outgoing(msg, now_ms, self._rto_ms)
             e.sent = 1
             e.handle = wheel.add(now_ms + first, (SEND, msg.cid))
             in_flight[msg.cid] = e
             out.append(msg)
 
-    def _retry_ms(self, retries: int) -> int:
-        if retries == 0 and self._first_retry_ms is not None:
-            return self._first_retry_ms
-        return self._send_retry.delay_ms(retries, self._rng.random())
+    def _retry_ms(self, retries: int, rto: int | None = None) -> int:
+        """The wait before retry ``retries`` of a send whose first timeout was ``rto``."""
+        first = self._first_retry_ms
+        if rto is None:
+            rto = self._rto_ms
+        if first is None or rto is None:  # a jittered policy: used as it is
+            return self._send_retry.delay_ms(retries, self._rng.random())
+        if retries == 0:
+            return rto
+        # later retries keep the schedule's shape, scaled to the send's first timeout
+        return self._send_retry.delay_ms(retries, self._rng.random()) * rto // first
+
+    @property
+    def send_timeout_ms(self) -> int | None:
+        """The first send timeout now (None: a jittered ``send_retry``, not adapted). O(1)."""
+        return self._rto_ms
+
+    def _sample(self, e: _Outgoing, now_ms: int) -> None:
+        """Send ``e`` was answered: update the timeout if it went out once (Karn). O(1)."""
+        first = self._first_retry_ms
+        if e.sent != 1 or first is None:
+            return
+        self._srtt_ms, self._rttvar_ms, rto = rto_update(
+            self._srtt_ms, self._rttvar_ms, now_ms - e.sent_ms
+        )
+        self._rto_ms = min(max(rto, first), self._max_rto_ms)
 
     def on_send_ack(self, m: SendAck, now_ms: int, out: list[Output]) -> None:
         """The server's answer to a send: SendAcked, a retry, or SendFailed. O(1)."""
@@ -238,6 +267,7 @@ class Outbox:
             del self.in_flight[m.cid]
             if e.handle is not None:
                 e.handle.cancel()
+            self._sample(e, now_ms)
             out.append(
                 SendAcked(
                     cid=m.cid, conv=e.msg.conv, seq=m.seq, msg_id=m.msg_id, server_ms=m.server_ms
@@ -251,7 +281,7 @@ class Outbox:
             # after the server's hint if that is later
             assert e.handle is not None
             hint = min(m.retry_after_ms, MAX_RETRY_HINT_MS)
-            e.handle.reschedule(now_ms + max(self._retry_ms(e.retries), hint))
+            e.handle.reschedule(now_ms + max(self._retry_ms(e.retries, e.rto_ms), hint))
             return
         else:
             self._settle(e)
@@ -300,8 +330,13 @@ class Outbox:
         e.retries += 1
         e.sent += 1
         self._stats.resends += 1
-        e.handle.reschedule(now_ms + self._retry_ms(e.retries))
+        e.handle.reschedule(now_ms + self._retry_ms(e.retries, e.rto_ms))
         out.append(e.msg)
+        first, rto = self._first_retry_ms, self._rto_ms
+        if first is not None and rto is not None:
+            # a timeout doubles the first timeout of later sends (RFC 6298 5.5) until
+            # an answer to a send sent once gives a new estimate
+            self._rto_ms = min(max(rto * 2, first), self._max_rto_ms)
 
     # -- pacing: the one way out for frames ---------------------------------------------
 
@@ -445,6 +480,11 @@ class Outbox:
 
         if connected != (self.pacer is not None):
             fail(f"pacer present={self.pacer is not None} while connected={connected}")
+        first, rto = self._first_retry_ms, self._rto_ms
+        if first is not None and rto is not None and not (
+            min(first, self._max_rto_ms) <= rto <= max(first, self._max_rto_ms)
+        ):
+            fail(f"send timeout {rto} ms outside its bounds")
         cids = list(self.in_flight)
         if cids != sorted(cids):
             fail("in-flight sends out of cid order")

@@ -24,6 +24,7 @@ from imkit.policy import (
     TokenBucket,
     _instance_field,
     _int_field,
+    rto_update,
 )
 from imkit.protocol import (
     MIN_PROTOCOL_VERSION,
@@ -303,14 +304,17 @@ class _Liveness(ServerTimer):
 class _Flight(ServerTimer):
     """Pushes sent in one frame, retried together by one timer until all are acked."""
 
-    __slots__ = ("attempts", "handle", "live", "pushes", "sent_ms")
+    __slots__ = ("attempts", "handle", "live", "pushes", "rto_ms", "sent_ms")
 
-    def __init__(self, session: ServerSession, pushes: tuple[Push, ...], sent_ms: int) -> None:
+    def __init__(
+        self, session: ServerSession, pushes: tuple[Push, ...], sent_ms: int, rto_ms: int
+    ) -> None:
         self.session = session
         self.pushes = pushes
         self.live = len(pushes)  # how many of ``pushes`` are still tracked
         self.attempts = 0  # retransmissions so far
         self.sent_ms = sent_ms  # first transmission
+        self.rto_ms = rto_ms  # its first timeout; its retries scale with it
         self.handle: TimerHandle[ServerTimer] | None = None
 
 
@@ -756,7 +760,7 @@ class ServerSession:
         highest = self._highest
         assert highest is not None
         fresh: list[Push] = []
-        flight = _Flight(self, (), now_ms)
+        flight = _Flight(self, (), now_ms, self._rto_ms)
         for p in items:
             conv = p.conv
             seqs = convs.get(conv)
@@ -803,7 +807,7 @@ class ServerSession:
             return []
         elif seq > highest[conv]:
             highest[conv] = seq
-        flight = _Flight(self, (p,), now_ms)
+        flight = _Flight(self, (p,), now_ms, self._rto_ms)
         seqs[seq] = flight
         self._tracked += 1
         cfg = self._cfg
@@ -835,14 +839,8 @@ class ServerSession:
         sample = now_ms - f.sent_ms
         if sample < 0:
             return
-        if self._srtt_ms == 0:
-            self._srtt_ms = max(1, sample)
-            self._rttvar_ms = sample // 2
-        else:
-            self._rttvar_ms += (abs(self._srtt_ms - sample) - self._rttvar_ms) // 4
-            self._srtt_ms = max(1, self._srtt_ms + (sample - self._srtt_ms) // 8)
+        self._srtt_ms, self._rttvar_ms, rto = rto_update(self._srtt_ms, self._rttvar_ms, sample)
         cfg = self._cfg
-        rto = self._srtt_ms + 4 * self._rttvar_ms
         self._rto_ms = min(max(rto, cfg.first_push_retry_ms), cfg.max_push_rto_ms)
 
     @property
@@ -914,9 +912,13 @@ class ServerSession:
         f.attempts += 1
         f.pushes = tuple(live)
         assert f.handle is not None
-        # later retries keep the schedule's shape, scaled to this link's timeout
-        delay = retry.delay_ms(f.attempts) * self._rto_ms // cfg.first_push_retry_ms
+        # later retries keep the schedule's shape, scaled to the flight's timeout; a
+        # timeout also doubles the link's (RFC 6298 5.5) until an ack of a push sent
+        # once gives a new estimate: without it, acks slower than the timeout would
+        # make every push a resend, and Karn's rule would never let the timeout grow
+        delay = retry.delay_ms(f.attempts) * f.rto_ms // cfg.first_push_retry_ms
         f.handle.reschedule(now_ms + delay)
+        self._rto_ms = min(max(self._rto_ms * 2, cfg.first_push_retry_ms), cfg.max_push_rto_ms)
         self.stats.pushes_retried += len(live)
         if len(live) == 1:
             return [live[0]]
