@@ -73,7 +73,7 @@ DEFAULT_SAMPLE_MS = 50
 #: saturated gateway runs its loop hundreds of ms late simply because each turn
 #: handles a large batch, while the clients' windows already bound what it holds;
 #: refusing on lag then only idles it: with 1,000 paced clients at 2-3x saturation,
-#: 100 ms cut the delivered rate by 20-40% and 500 ms by ~10-20%
+#: 100 ms cut the delivered rate by 6-47% and 500 ms by 8-23%
 #: (benchmarks/bench_overload.py). Set it for clients that do not pace themselves.
 DEFAULT_MAX_LAG_MS: int | None = None
 #: Envelopes queued for this gateway at which new sends are refused: 15/16 of the
