@@ -53,7 +53,23 @@ _P = ParamSpec("_P")
 DEFAULT_MAX_QUEUED_CALLS = 10_000
 
 
-class ThreadedStore:
+class _Adapter:
+    """What both adapters pass through from the blocking store they wrap."""
+
+    store: MessageStore
+
+    @property
+    def dedup_window(self) -> int | None:
+        """The wrapped store's ``dedup_window``."""
+        return self.store.dedup_window
+
+    @property
+    def durable(self) -> bool:
+        """The wrapped store's ``durable``."""
+        return self.store.durable
+
+
+class ThreadedStore(_Adapter):
     """A synchronous :class:`~imkit.store.MessageStore` run on one worker thread.
 
     Each call is queued to the worker (calls run one at a time, in call order) and
@@ -91,16 +107,6 @@ class ThreadedStore:
 
     def __repr__(self) -> str:
         return f"ThreadedStore({self.store!r}, queued={self.queued}/{self.max_queued})"
-
-    @property
-    def dedup_window(self) -> int | None:
-        """The wrapped store's ``dedup_window``."""
-        return self.store.dedup_window
-
-    @property
-    def durable(self) -> bool:
-        """The wrapped store's ``durable``."""
-        return self.store.durable
 
     def _work(
         self, loop: asyncio.AbstractEventLoop, call: Callable[[], Any], future: asyncio.Future[Any]
@@ -295,7 +301,7 @@ class ThreadedStore:
         await self._submit(self.store._check)
 
 
-class InlineStore:
+class InlineStore(_Adapter):
     """A store that never blocks (``MemoryStore``), awaited without leaving the loop.
 
     Each call runs the store's method at once, on the loop: O(the store's cost) plus
@@ -307,16 +313,6 @@ class InlineStore:
 
     def __repr__(self) -> str:
         return f"InlineStore({self.store!r})"
-
-    @property
-    def dedup_window(self) -> int | None:
-        """The wrapped store's ``dedup_window``."""
-        return self.store.dedup_window
-
-    @property
-    def durable(self) -> bool:
-        """The wrapped store's ``durable``."""
-        return self.store.durable
 
     async def run(
         self, fn: Callable[Concatenate[MessageStore, _P], _T], *args: _P.args, **kwargs: _P.kwargs

@@ -58,14 +58,37 @@ DEFAULT_STALL_MS = 1_000
 DEFAULT_CATCH_UP_MS = 250
 
 
-def _check_stall_keywords(stall_ms: int | None, catch_up_ms: int) -> None:
-    check_int("stall_ms", stall_ms, none_ok=True)
-    check_int("catch_up_ms", catch_up_ms)
+class _StallCatchUp:
+    """The stall rule both drivers share (module docstring): state and one check. O(1)."""
+
+    def __init__(self, stall_ms: int | None, catch_up_ms: int) -> None:
+        check_int("stall_ms", stall_ms, none_ok=True)
+        check_int("catch_up_ms", catch_up_ms)
+        self.stall_ms = stall_ms
+        self.catch_up_ms = catch_up_ms
+        self._catch_up_until: int | None = None  # during a catch-up: wake no earlier
+        self._on_time = True  # the last wake-up was not late: a new stall may catch up
+        self.stalls = 0
+
+    def _stalled(self, armed: int | None, now: int) -> bool:
+        """True: a stall began; fire nothing, wake again at ``_catch_up_until``."""
+        if self._catch_up_until is not None:
+            self._catch_up_until = None  # the catch-up is over: fire, whatever the time
+            self._on_time = armed is None or now - armed <= (self.stall_ms or 0)
+        elif self.stall_ms is not None and armed is not None and now - armed > self.stall_ms:
+            if self._on_time:  # a stall: read what arrived before judging silence
+                self._on_time = False
+                self.stalls += 1
+                self._catch_up_until = now + self.catch_up_ms
+                return True
+        else:
+            self._on_time = True
+        return False
 
 T = TypeVar("T")
 
 
-class WheelDriver(Generic[T]):
+class WheelDriver(_StallCatchUp, Generic[T]):
     """A timing wheel on the event loop: ``on_expire(item)`` runs when an item's deadline passes.
 
     ``add`` costs the wheel's insert (O(levels)) plus O(1) to move the single
@@ -96,11 +119,7 @@ class WheelDriver(Generic[T]):
         loop: asyncio.AbstractEventLoop | None = None,
         wheel: TimingWheel[T] | None = None,
     ) -> None:
-        _check_stall_keywords(stall_ms, catch_up_ms)
-        self.stall_ms = stall_ms
-        self.catch_up_ms = catch_up_ms
-        self._catch_up_until: int | None = None  # during a catch-up: wake no earlier
-        self._on_time = True  # the last wake-up was not late: a new stall may catch up
+        super().__init__(stall_ms, catch_up_ms)
         self._loop = loop if loop is not None else running_loop()
         self._last_ms = loop_ms(self._loop)
         if wheel is None:
@@ -113,7 +132,6 @@ class WheelDriver(Generic[T]):
         self.wakeups = 0
         self.idle_wakeups = 0
         self.fired = 0
-        self.stalls = 0
 
     def now_ms(self) -> int:
         """The driver's clock: the loop's, in ms, never going backwards. O(1)."""
@@ -203,19 +221,11 @@ class WheelDriver(Generic[T]):
         if armed is not None and armed > now:
             now = self._last_ms = armed
         self.wakeups += 1
-        if self._catch_up_until is not None:
-            self._catch_up_until = None  # the catch-up is over: fire, whatever the time
-            self._on_time = armed is None or now - armed <= (self.stall_ms or 0)
-        elif self.stall_ms is not None and armed is not None and now - armed > self.stall_ms:
-            if self._on_time:  # a stall: read what arrived before judging silence
-                self._on_time = False
-                self.stalls += 1
-                self.idle_wakeups += 1
-                self._catch_up_until = now + self.catch_up_ms
-                self._arm(self._catch_up_until)
-                return
-        else:
-            self._on_time = True
+        if self._stalled(armed, now):
+            assert self._catch_up_until is not None
+            self.idle_wakeups += 1
+            self._arm(self._catch_up_until)
+            return
         expired = self.wheel.advance(now)
         if not expired:
             self.idle_wakeups += 1
@@ -244,7 +254,7 @@ class WheelDriver(Generic[T]):
             raise AssertionError(f"{len(self.wheel)} timers pending but no wake-up is armed")
 
 
-class DeadlineTimer:
+class DeadlineTimer(_StallCatchUp):
     """One asyncio timer for a sans-IO object that keeps its own timers.
 
     :class:`~imkit.session.ClientSession` keeps its own wheel and says when it next
@@ -274,12 +284,7 @@ class DeadlineTimer:
         catch_up_ms: int = DEFAULT_CATCH_UP_MS,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        _check_stall_keywords(stall_ms, catch_up_ms)
-        self.stall_ms = stall_ms
-        self.catch_up_ms = catch_up_ms
-        self._catch_up_until: int | None = None
-        self._on_time = True
-        self.stalls = 0
+        super().__init__(stall_ms, catch_up_ms)
         self._next = next_deadline_ms
         self._on_due = on_due
         self._loop = loop if loop is not None else running_loop()
@@ -326,18 +331,9 @@ class DeadlineTimer:
         if armed is not None and armed > now:
             now = self._last_ms = armed
         self.wakeups += 1
-        if self._catch_up_until is not None:
-            self._catch_up_until = None  # the catch-up is over: fire, whatever the time
-            self._on_time = armed is None or now - armed <= (self.stall_ms or 0)
-        elif self.stall_ms is not None and armed is not None and now - armed > self.stall_ms:
-            if self._on_time:  # a stall: read what arrived before judging silence
-                self._on_time = False
-                self.stalls += 1
-                self._catch_up_until = now + self.catch_up_ms
-                self.rearm()
-                return
-        else:
-            self._on_time = True
+        if self._stalled(armed, now):
+            self.rearm()
+            return
         try:
             self._on_due(now)
         finally:

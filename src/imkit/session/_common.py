@@ -26,7 +26,25 @@ TimerItem: TypeAlias = tuple[int, Any]
 HB, SEND, GAP, SYNC, HOLD, PACE = range(6)
 
 
-class ClientStats:
+class Counters:
+    """Plain int counters named by a subclass's ``__slots__``, all starting at 0."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        """All counters by name. O(counters)."""
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __repr__(self) -> str:
+        nonzero = {k: v for k, v in self.as_dict().items() if v}
+        return f"{type(self).__name__}({nonzero})"
+
+
+class ClientStats(Counters):
     """Counters of a client session: every "ignored and counted" case lands here."""
 
     __slots__ = (
@@ -43,17 +61,6 @@ class ClientStats:
         "version_fallbacks",
         "windows_evicted",
     )
-
-    def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
-
-    def as_dict(self) -> dict[str, int]:
-        """All counters by name. O(counters)."""
-        return {name: getattr(self, name) for name in self.__slots__}
-
-    def __repr__(self) -> str:
-        return f"ClientStats({ {k: v for k, v in self.as_dict().items() if v} })"
 
     duplicate_pushes: int
     frames_ignored: int

@@ -49,6 +49,7 @@ from imkit.protocol import (
     SyncResponse,
     downgrade,
 )
+from imkit.session._common import Counters
 from imkit.session._events import (
     CloseConnection,
     Output,
@@ -219,7 +220,7 @@ class ServerConfig:
         object.__setattr__(self, "push_give_up_ms", span)
 
 
-class ServerStats:
+class ServerStats(Counters):
     """Counters of one session, or of many: pass one shared object to every session.
 
     Every "ignored and counted" case of the contract lands here. Plain int slots.
@@ -245,18 +246,6 @@ class ServerStats:
         "unresponsive_kicks",
         "version_refusals",
     )
-
-    def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
-
-    def as_dict(self) -> dict[str, int]:
-        """All counters by name. O(counters)."""
-        return {name: getattr(self, name) for name in self.__slots__}
-
-    def __repr__(self) -> str:
-        nonzero = {k: v for k, v in self.as_dict().items() if v}
-        return f"ServerStats({nonzero})"
 
     # counters, for type checkers
     abuse_kicks: int
