@@ -60,6 +60,7 @@ import attrs
 from imkit.aio import (
     DEFAULT_MAX_PENDING_LOGINS,
     DEFAULT_MAX_PER_ADDRESS,
+    InlineStore,
     MemoryBus,
     MemoryRegistry,
     async_store,
@@ -69,7 +70,7 @@ from imkit.errors import ConfigError
 from imkit.policy import HeartbeatPolicy
 from imkit.routetable import DEFAULT_GRACE_MS
 from imkit.session import ServerConfig
-from imkit.store import MessageStore, open_store
+from imkit.store import AsyncMessageStore, MessageStore, open_store
 
 from . import command
 from .auth import DEFAULT_TOKEN_TTL_S, Authenticator, new_secret
@@ -77,6 +78,7 @@ from .gateway import Gateway, GatewayConfig
 from .ipconf import IpConf
 from .logic import BusPayload, Logic, LogicConfig
 from .overload import DEFAULT_MAX_BACKLOG, DEFAULT_MAX_LAG_MS, DEFAULT_SHED_RETRY_MS
+from .processes import add_backend_flags, main_role, run_processes
 from .routes import RouteService
 
 __all__ = [
@@ -220,7 +222,7 @@ class Cluster:
         dead = sorted(self._seen - live)
         self._seen = live
         for gateway in dead:
-            parked = self.routes.unbind_gateway(gateway)
+            parked = await self.routes.unbind_gateway(gateway)
             held = self.logic.gateway_gone(gateway)
             self.gateways_lost += 1
             logger.warning(
@@ -270,13 +272,13 @@ async def start_cluster(config: ClusterConfig | None = None) -> Cluster:
     if cfg.dev:
         logger.warning("%s", DEV_WARNING.removeprefix("WARNING: "))
     store = open_store(cfg.data_dir)
+    # SQLite on one worker thread (in call order), the memory store inline
+    astore = async_store(store)
     if cfg.demo:
-        seed_demo(store, lobby_size=cfg.lobby_size)
+        await seed_demo(astore, lobby_size=cfg.lobby_size)
     routes = RouteService(grace_ms=cfg.grace_ms)
     bus: MemoryBus[BusPayload] = MemoryBus()
     registry = MemoryRegistry(ttl_ms=cfg.discovery_ttl_ms)
-    # SQLite on one worker thread (in call order), the memory store inline
-    astore = async_store(store)
     logic = Logic(store=astore, routes=routes, bus=bus, config=cfg.logic)
     secret = cfg.secret or new_secret()
     auth = Authenticator(secret, ttl_s=cfg.token_ttl_s)
@@ -312,8 +314,8 @@ async def start_cluster(config: ClusterConfig | None = None) -> Cluster:
         ipconf = IpConf(
             registry=registry,
             auth=auth,
-            logic=logic,
-            admin=lambda op, args: astore.run(admin, op, args),
+            store=astore,
+            admin=lambda op, args: admin(astore, op, args),
             dev=cfg.dev,
         )
         cluster.ipconf = ipconf
@@ -328,22 +330,25 @@ async def start_cluster(config: ClusterConfig | None = None) -> Cluster:
 # --- users and groups -------------------------------------------------------------------
 
 
-def seed_demo(store: MessageStore, *, lobby_size: int = DEFAULT_LOBBY_SIZE) -> None:
-    """Create the demo users, ``team`` (alice, bob, carol) and ``lobby``. Idempotent."""
+async def seed_demo(store: AsyncMessageStore, *, lobby_size: int = DEFAULT_LOBBY_SIZE) -> None:
+    """Create the demo users, ``team`` (alice, bob, carol) and ``lobby``. Idempotent.
+
+    Any store: wrap a synchronous one with :func:`imkit.aio.async_store`.
+    """
     for uid in DEMO_USERS:
-        store.create_user(uid)
+        await store.create_user(uid)
     lobby = list(DEMO_USERS)
     n = 1
     while len(lobby) < lobby_size:
         uid = f"user{n:03d}"
-        store.create_user(uid)
+        await store.create_user(uid)
         lobby.append(uid)
         n += 1
-    store.create_group("team", ["alice", "bob", "carol"])
-    if not store.create_group("lobby", lobby):
+    await store.create_group("team", ["alice", "bob", "carol"])
+    if not await store.create_group("lobby", lobby):
         for uid in lobby:  # an older data directory: make sure everyone is in
-            if not store.is_member(uid, "lobby"):
-                store.join(uid, "lobby")
+            if not await store.is_member(uid, "lobby"):
+                await store.join(uid, "lobby")
 
 
 ADMIN_HELP = """\
@@ -356,26 +361,26 @@ conversations UID             list the conversations of a user
 inbox UID                     the last entries of a user's inbox (write fan-out)"""
 
 
-def admin(store: MessageStore, op: str, args: list[str]) -> Any:
+async def admin(store: AsyncMessageStore, op: str, args: list[str]) -> Any:
     """Run one registry command on ``store`` (see ``ADMIN_HELP``); the result is JSON-able.
 
     Raises ValueError for an unknown command or missing arguments, and the store's
     own errors (UserNotFound, ConfigError, ...) for bad ones.
     """
     if op == "create-user" and args:
-        return {uid: store.create_user(uid) for uid in args}
+        return {uid: await store.create_user(uid) for uid in args}
     if op == "create-group" and args:
-        return {"created": store.create_group(args[0], args[1:])}
+        return {"created": await store.create_group(args[0], args[1:])}
     if op == "join" and len(args) >= 2:
-        return {uid: store.join(uid, args[0]) for uid in args[1:]}
+        return {uid: await store.join(uid, args[0]) for uid in args[1:]}
     if op == "leave" and len(args) >= 2:
-        return {uid: store.leave(uid, args[0]) for uid in args[1:]}
+        return {uid: await store.leave(uid, args[0]) for uid in args[1:]}
     if op == "members" and len(args) == 1:
-        return sorted(store.members(args[0]))
+        return sorted(await store.members(args[0]))
     if op == "conversations" and len(args) == 1:
-        return sorted(store.conversations_of(args[0]))
+        return sorted(await store.conversations_of(args[0]))
     if op == "inbox" and len(args) == 1:
-        page = store.inbox_read(args[0], 0, 1000)
+        page = await store.inbox_read(args[0], 0, 1000)
         return [[e.conv, e.seq] for e in page.entries[-50:]]
     raise ValueError(f"unknown command or missing arguments: {op} {' '.join(args)}")
 
@@ -413,19 +418,50 @@ def _run_parser() -> argparse.ArgumentParser:
     dev.add_argument("--no-dev", action="store_true", help="no /dev/token and /admin (the default)")
     p.add_argument("--heartbeat-ms", type=int, default=None, help="client heartbeat interval")
     p.add_argument("--grace-ms", type=int, default=DEFAULT_GRACE_MS, help="route grace period")
-    p.add_argument("--max-per-address", type=int, default=DEFAULT_MAX_PER_ADDRESS,
-                   help="TCP connections from one address (raise it for load tests)")
-    p.add_argument("--no-shed", action="store_true",
-                   help="never refuse sends when overloaded (for comparisons)")
-    p.add_argument("--shed-max-lag-ms", type=int, default=DEFAULT_MAX_LAG_MS,
-                   help="refuse new sends while the event loop runs this late (default: off)")
-    p.add_argument("--shed-max-backlog", type=int, default=DEFAULT_MAX_BACKLOG,
-                   help="refuse new sends while this many envelopes wait for a gateway")
-    p.add_argument("--shed-retry-ms", type=int, default=DEFAULT_SHED_RETRY_MS,
-                   help="retry hint sent with a refused send")
-    p.add_argument("--max-pending-logins", type=int, default=DEFAULT_MAX_PENDING_LOGINS,
-                   help="TCP connections not yet logged in (the oldest is evicted past it)")
+    p.add_argument(
+        "--max-per-address",
+        type=int,
+        default=DEFAULT_MAX_PER_ADDRESS,
+        help="TCP connections from one address (raise it for load tests)",
+    )
+    p.add_argument(
+        "--no-shed",
+        action="store_true",
+        help="never refuse sends when overloaded (for comparisons)",
+    )
+    p.add_argument(
+        "--shed-max-lag-ms",
+        type=int,
+        default=DEFAULT_MAX_LAG_MS,
+        help="refuse new sends while the event loop runs this late (default: off)",
+    )
+    p.add_argument(
+        "--shed-max-backlog",
+        type=int,
+        default=DEFAULT_MAX_BACKLOG,
+        help="refuse new sends while this many envelopes wait for a gateway",
+    )
+    p.add_argument(
+        "--shed-retry-ms",
+        type=int,
+        default=DEFAULT_SHED_RETRY_MS,
+        help="retry hint sent with a refused send",
+    )
+    p.add_argument(
+        "--max-pending-logins",
+        type=int,
+        default=DEFAULT_MAX_PENDING_LOGINS,
+        help="TCP connections not yet logged in (the oldest is evicted past it)",
+    )
     p.add_argument("--ready-file", default=None, help="write where things listen (JSON) here")
+    many = p.add_argument_group(
+        "several processes", "each role in its own process on Redis, NATS JetStream and PostgreSQL"
+    )
+    many.add_argument(
+        "--processes", action="store_true", help="run each role in its own supervised process"
+    )
+    many.add_argument("--logic", type=int, default=1, help="logic processes (default 1)")
+    add_backend_flags(many)
     p.add_argument("-q", "--quiet", action="store_true", help="print only the ready line")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     return p
@@ -570,7 +606,7 @@ def _admin_main(argv: list[str]) -> int:
     if args.data_dir:
         store = open_store(args.data_dir)
         try:
-            result = admin(store, args.op, args.args)
+            result = asyncio.run(admin(InlineStore(store), args.op, args.args))
         except (ValueError, KeyError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -605,9 +641,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "admin":
         return _admin_main(argv[1:])
+    if argv and argv[0] == "role":
+        return main_role(argv[1:])
     if argv and argv[0] == "run":
         argv = argv[1:]
     args = _run_parser().parse_args(argv)
+    if args.processes and not (1 <= args.gateways <= 64 and 1 <= args.logic <= 64):
+        raise SystemExit("--gateways and --logic must be 1-64")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -615,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     from imkit.aio import run
 
     try:
-        return run(_run(args))
+        return run(run_processes(args) if args.processes else _run(args))
     except KeyboardInterrupt:
         return 0
 

@@ -54,8 +54,9 @@ import collections
 import contextlib
 import itertools
 import logging
+import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -69,8 +70,6 @@ from imkit.aio import (
     DEFAULT_MAX_PER_ADDRESS,
     DEFAULT_MAX_WRITE_BUFFER,
     FramedConnection,
-    MemoryBus,
-    MemorySubscription,
     Server,
     WheelDriver,
     loop_ms,
@@ -79,7 +78,7 @@ from imkit.aio import (
 from imkit.bus import Envelope, Lagged
 from imkit.discovery import GatewayInfo, Registry
 from imkit.errors import AuthError, CapacityError, ConnectionClosed, ImkitError
-from imkit.protocol import ErrorCode, Login, Message, Notify, Push, PushBatch, encode
+from imkit.protocol import ErrorCode, Login, Message, Notify, Push, PushBatch, SyncPage, encode
 from imkit.routetable import BindResult, Route, UnbindResult
 from imkit.session import (
     CloseConnection,
@@ -96,7 +95,7 @@ from imkit.session import (
     SessionStarted,
     SyncRequested,
 )
-from imkit.store import ConvKind
+from imkit.store import AsyncMessageStore, ConvKind
 from imkit.timingwheel import TimingWheel
 
 from .auth import Authenticator
@@ -124,6 +123,9 @@ __all__ = [
     "WEB_ROOT",
     "Gateway",
     "GatewayConfig",
+    "LogicPort",
+    "PayloadBus",
+    "PayloadSubscription",
 ]
 
 logger = logging.getLogger("examples.gateway")
@@ -211,6 +213,64 @@ class Link(Protocol):
         ...
 
 
+class LogicPort(Protocol):
+    """What a gateway calls on the logic server: a local
+    :class:`~examples.logic.Logic`, or ``examples.remote.RemoteLogic`` across processes."""
+
+    async def has_user(self, uid: str) -> bool: ...
+
+    async def send(
+        self, uid: str, device: str, cid: int, conv: str, body: bytes
+    ) -> SentMessage | ErrorCode: ...
+
+    async def sync_later(
+        self,
+        request: SyncRequested,
+        answer: Callable[[SyncRequested, list[SyncPage]], object],
+        *,
+        alive: Callable[[], bool] = ...,
+    ) -> None: ...
+
+    async def note_cursor(self, uid: str, device: str, conv: str, seq: int) -> None: ...
+
+    async def receipt(self, uid: str, conv: str, seq: int) -> None: ...
+
+    async def resync_entries(self, uid: str) -> list[tuple[str, int]]: ...
+
+    def kick_route(self, route: Route, code: int, reason: str = "") -> None: ...
+
+    def stats_dict(self) -> dict[str, int]: ...
+
+
+class SentMessage(Protocol):
+    """The ids a send's acknowledgement carries."""
+
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def msg_id(self) -> int: ...
+
+    @property
+    def server_ms(self) -> int: ...
+
+
+class PayloadSubscription(Protocol):
+    """A gateway's bus subscription: envelopes of :data:`~examples.logic.BusPayload`."""
+
+    def __len__(self) -> int: ...
+
+    def __aiter__(self) -> AsyncIterator[Envelope[BusPayload] | Lagged]: ...
+
+    def close_nowait(self) -> None: ...
+
+
+class PayloadBus(Protocol):
+    """The bus a gateway subscribes to: a ``MemoryBus`` or ``examples.remote.EncodedBus``."""
+
+    async def subscribe(self, subject: str, *, max_pending: int) -> PayloadSubscription: ...
+
+
 class _Conn:
     """One client connection on this gateway."""
 
@@ -236,9 +296,9 @@ class Gateway:
         self,
         gateway_id: str,
         *,
-        logic: Logic,
+        logic: LogicPort,
         routes: RouteService,
-        bus: MemoryBus[BusPayload],
+        bus: PayloadBus,
         registry: Registry,
         auth: Authenticator,
         config: GatewayConfig | None = None,
@@ -259,10 +319,12 @@ class Gateway:
         self.lagged = 0
         self._ids = itertools.count(1)
         # (uid, device) -> the closed session kept for a resume during the route's grace
-        self._parked: dict[tuple[str, str], tuple[int, ServerSession]] = {}
+        # (the route table's on_expire drops it; so does its own deadline, grace_ms
+        # after the unbind, when the table is shared and another process expired it)
+        self._parked: dict[tuple[str, str], tuple[int, ServerSession, int]] = {}
         self.server: Server | None = None
         self.web: HttpServer | None = None
-        self._sub: MemorySubscription[BusPayload] | None = None
+        self._sub: PayloadSubscription | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._dying: list[asyncio.Task[None]] = []  # cancelled by abort_nowait()
         self.tcp_endpoint = ""
@@ -310,7 +372,7 @@ class Gateway:
             self.ws_endpoint = f"ws://{public}:{self.web.port}/ws"
             self.web_url = f"http://{public}:{self.web.port}/"
             endpoints.append(self.ws_endpoint)
-        self._sub = self.bus.subscribe_nowait(self.id, max_pending=cfg.bus_pending)
+        self._sub = await self.bus.subscribe(self.id, max_pending=cfg.bus_pending)
         if cfg.shed and cfg.shed_max_backlog >= cfg.bus_pending:
             logger.warning("shed_max_backlog >= bus_pending: the bus overflows before shedding")
         self.routes.on_expire.append(self._route_expired)
@@ -335,7 +397,9 @@ class Gateway:
         self._tasks = []
         for conn in list(self.conns.values()):  # WebSocket links (TCP ones: server.close)
             if not isinstance(conn.link, FramedConnection) and conn.session is not None:
-                self._emit(conn, conn.session.kick(ErrorCode.SHUTDOWN, retry_after_ms=1000))
+                # spread like the TCP server's kicks: [0.5, 1.5) s, not one wave
+                hint = 500 + random.randrange(1000)
+                self._emit(conn, conn.session.kick(ErrorCode.SHUTDOWN, retry_after_ms=hint))
         if self.server is not None:
             await self.server.aclose(kick=True)
         if self.web is not None:
@@ -457,14 +521,20 @@ class Gateway:
             route = conn.route
             if route is None or self.aborted:
                 pass  # a dead process unbinds nothing
-            elif self.routes.unbind(route) is UnbindResult.GRACE:
-                self._parked[route.uid, route.device] = (conn_id, session)
+            else:
+                try:
+                    unbound = await self.routes.unbind(route)
+                except ImkitError:  # unreachable: the route expires with its gateway
+                    logger.warning("gateway %s could not unbind a route", self.id)
+                else:
+                    if unbound is UnbindResult.GRACE:
+                        self._park(route, conn_id, session)
 
     async def _vet(self, login: Login) -> tuple[str, str, str] | None:
         """(token, device, uid) if the Login's token is valid for a registered user."""
         try:
             uid = self.auth.verify(login.token, login.device)
-            if await self.logic.store.has_user(uid):
+            if await self.logic.has_user(uid):
                 return (login.token, login.device, uid)
         except AuthError:
             pass
@@ -479,7 +549,24 @@ class Gateway:
             raise AuthError("unknown user")
         return vetted[2]
 
+    def _park(self, route: Route, conn_id: int, session: ServerSession) -> None:
+        """Keep a closed session for a resume during its route's grace. O(1) amortised."""
+        now = self.driver.now_ms()
+        key = (route.uid, route.device)
+        self._parked.pop(key, None)  # re-insert at the end: the dict stays in deadline order
+        self._parked[key] = (conn_id, session, now + self.routes.table.grace_ms)
+        self._prune_parked(now)
+
+    def _prune_parked(self, now_ms: int) -> None:
+        parked = self._parked
+        while parked:
+            key, (_, _, until) = next(iter(parked.items()))
+            if until > now_ms:
+                break
+            del parked[key]
+
     def _resume(self, uid: str, device: str, resume_id: str) -> ServerSession | None:
+        self._prune_parked(self.driver.now_ms())
         parked = self._parked.get((uid, device))
         if parked is not None and parked[1].session_id == resume_id:
             return parked[1]
@@ -503,16 +590,15 @@ class Gateway:
         for out in outputs:
             if isinstance(out, PushAcked):
                 if out.cumulative:  # the device holds conv through seq: its sync cursor
-                    await self.logic.note_cursor(
-                        session.uid, session.device, out.conv, out.seq
-                    )
+                    await self.logic.note_cursor(session.uid, session.device, out.conv, out.seq)
             elif isinstance(out, SendRequested):
                 hint = self._refusal(conn)
                 if hint:
                     # overloaded: refuse early and cheaply; the client resends after
                     # the hint (same cid, so nothing is stored twice)
-                    self._emit(conn, session.fail_send(out.cid, ErrorCode.SERVER_BUSY,
-                                                       retry_after_ms=hint))
+                    self._emit(
+                        conn, session.fail_send(out.cid, ErrorCode.SERVER_BUSY, retry_after_ms=hint)
+                    )
                     continue
                 result = await self.logic.send(out.uid, out.device, out.cid, out.conv, out.body)
                 if isinstance(result, int):
@@ -529,16 +615,14 @@ class Gateway:
                 # merges both (docs/session.md, sync semantics).
                 await self.logic.sync_later(
                     out,
-                    lambda req, pages: self._emit(
-                        conn, session.sync_response(req.req_id, pages)
-                    ),
+                    lambda req, pages: self._emit(conn, session.sync_response(req.req_id, pages)),
                     alive=lambda: not conn.link.closed,
                 )
             elif isinstance(out, ReceiptPosted):
                 r = out.receipt
                 await self.logic.receipt(r.reader, r.conv, r.seq)
             elif isinstance(out, SessionStarted):
-                self._login(conn, out)
+                await self._login(conn, out)
             else:
                 self._emit(conn, [out])
         self.driver.rearm()
@@ -573,7 +657,7 @@ class Gateway:
             elif isinstance(out, CloseConnection):
                 link.close(code=out.code, reason=out.reason)
 
-    def _login(self, conn: _Conn, started: SessionStarted) -> None:
+    async def _login(self, conn: _Conn, started: SessionStarted) -> None:
         """Bind the route (fenced by a fresh epoch); kick the connection it replaces."""
         session = conn.session
         assert session is not None
@@ -586,12 +670,19 @@ class Gateway:
             conn_id=conn.conn_id,
             epoch=self.routes.new_epoch(),
         )
-        before = self.routes.get(started.uid, started.device)
         try:
-            result = self.routes.bind(route)
+            before = await self.routes.get(started.uid, started.device)
+            result = await self.routes.bind(route)
         except CapacityError:
             kick = session.kick(ErrorCode.SERVER_BUSY, reason="busy", retry_after_ms=_BUSY_RETRY_MS)
             self._emit(conn, kick)
+            return
+        except ImkitError:  # the route table is unreachable: come back later
+            logger.warning("gateway %s could not bind a route", self.id)
+            kick = session.kick(ErrorCode.SERVER_BUSY, reason="busy", retry_after_ms=_BUSY_RETRY_MS)
+            self._emit(conn, kick)
+            return
+        if self.aborted or conn.link.closed:
             return
         if result is BindResult.STALE:  # cannot happen with increasing epochs; be safe
             self._emit(conn, session.kick(ErrorCode.REPLACED, reason="replaced"))
@@ -709,14 +800,14 @@ class Gateway:
             route = conn.route
             if route is None:
                 continue
-            binding = self.routes.get(route.uid, route.device)
-            if binding is not None and (binding.route != route or binding.live):
-                continue  # still live here, or the device moved on
-            fresh = attrs.evolve(route, epoch=self.routes.new_epoch())
             try:
-                if not self.routes.bind(fresh).accepted:
+                binding = await self.routes.get(route.uid, route.device)
+                if binding is not None and (binding.route != route or binding.live):
+                    continue  # still live here, or the device moved on
+                fresh = attrs.evolve(route, epoch=self.routes.new_epoch())
+                if not (await self.routes.bind(fresh)).accepted:
                     continue
-            except CapacityError:
+            except ImkitError:  # CapacityError, or the table is unreachable
                 continue
             conn.route = fresh
             await self._resync(conn)
@@ -756,18 +847,19 @@ class Gateway:
                 return Response(status=404)
             return Response(body=body, content_type=content_type)
         if request.path == "/dev/token":
-            return await dev_token(
-                request, self.auth, self.logic, enabled=self.config.dev_tokens
-            )
+            store = self.logic.store if isinstance(self.logic, Logic) else None
+            return await dev_token(request, self.auth, store, enabled=self.config.dev_tokens)
         if request.path == "/healthz":
-            return json_response({
-                "gateway": self.id,
-                "connections": self.connections,
-                "lagged": self.lagged,
-                "shed": self.shedder.shed,
-                "sessions": self.stats.as_dict(),  # summed over every session here
-                "logic": self.logic.stats.as_dict(),
-            })
+            return json_response(
+                {
+                    "gateway": self.id,
+                    "connections": self.connections,
+                    "lagged": self.lagged,
+                    "shed": self.shedder.shed,
+                    "sessions": self.stats.as_dict(),  # summed over every session here
+                    "logic": self.logic.stats_dict(),
+                }
+            )
         return Response(status=404)
 
     async def _upgrade(
@@ -821,7 +913,7 @@ def _send_shared(link: FramedConnection, frames: list[bytes]) -> None:
 
 
 async def dev_token(
-    request: Request, auth: Authenticator, logic: Logic, *, enabled: bool
+    request: Request, auth: Authenticator, store: AsyncMessageStore | None, *, enabled: bool
 ) -> Response:
     """``GET /dev/token?uid=U&device=D``: a token for a registered user. Development only.
 
@@ -830,7 +922,7 @@ async def dev_token(
     loopback peer and no proxy's forwarding header); 403 otherwise, 404 for an
     unknown user.
     """
-    if not enabled:
+    if not enabled or store is None:
         return json_response({"error": "dev tokens are off (start the launcher with --dev)"}, 403)
     if not is_direct_local(request):
         return json_response({"error": "dev tokens are for direct local requests only"}, 403)
@@ -838,7 +930,6 @@ async def dev_token(
     device = request.query.get("device", "")
     if not uid or not device:
         return json_response({"error": "give uid and device"}, 400)
-    store = logic.store
     try:
         if not await store.has_user(uid):
             return json_response({"error": f"unknown user {uid!r}"}, 404)

@@ -63,6 +63,7 @@ import attrs
 from imkit.discovery import GatewayInfo, Registry
 from imkit.errors import ImkitError
 from imkit.hashring import DEFAULT_BALANCE, HashRing
+from imkit.store import AsyncMessageStore
 
 from .auth import Authenticator
 from .gateway import dev_token
@@ -74,7 +75,6 @@ from .httpd import (
     json_response,
     serve_http,
 )
-from .logic import Logic
 
 __all__ = ["DEFAULT_RANK_LIMIT", "IpConf"]
 
@@ -141,7 +141,7 @@ class IpConf:
         *,
         registry: Registry,
         auth: Authenticator | None = None,
-        logic: Logic | None = None,
+        store: AsyncMessageStore | None = None,
         admin: AdminFn | None = None,
         balance: float = DEFAULT_BALANCE,
         limit: int = DEFAULT_RANK_LIMIT,
@@ -149,7 +149,7 @@ class IpConf:
     ) -> None:
         self.registry = registry
         self.auth = auth
-        self.logic = logic
+        self.store = store
         self.admin = admin
         self.balance = balance
         self.limit = limit
@@ -219,8 +219,8 @@ class IpConf:
                     ],
                 }
             )
-        if path == "/dev/token" and self.auth is not None and self.logic is not None:
-            return await dev_token(request, self.auth, self.logic, enabled=self.dev)
+        if path == "/dev/token" and self.auth is not None and self.store is not None:
+            return await dev_token(request, self.auth, self.store, enabled=self.dev)
         if path == "/admin" and request.method == "POST":
             return await self._admin(request)
         if path == "/healthz":

@@ -257,29 +257,45 @@ class LoadResult:
             ("scenario", f"{scenario}, {self.duration_s:g} s (+{self.warmup_s:g} s warm-up)"),
             ("generator", f"{self.loop}, connect via {self.connect_via}"),
             ("connect + login of all clients (s)", f"{self.connect_s:.2f}"),
-            ("sent / acked / failed / pending", f"{self.sent} / {self.acked} / "
-             f"{self.failed} / {self.pending}"),
+            (
+                "sent / acked / failed / pending",
+                f"{self.sent} / {self.acked} / {self.failed} / {self.pending}",
+            ),
             ("delivered / expected", f"{self.delivered} / {self.expected}"),
             ("lost", str(self.lost)),
             ("app duplicates", str(self.app_duplicates)),
-            ("session-dropped duplicates / kicks / reconnects",
-             f"{self.session_duplicates} / {self.kicks} / {self.reconnects}"),
-            ("latency p50 / p90 / p99 / max (ms)", pct(self.latency_ms, ("p50", "p90", "p99",
-                                                                        "max"))),
-            ("latency from the due time p50 / p99 / max (ms)",
-             pct(self.due_latency_ms, ("p50", "p99", "max"))),
+            (
+                "session-dropped duplicates / kicks / reconnects",
+                f"{self.session_duplicates} / {self.kicks} / {self.reconnects}",
+            ),
+            (
+                "latency p50 / p90 / p99 / max (ms)",
+                pct(self.latency_ms, ("p50", "p90", "p99", "max")),
+            ),
+            (
+                "latency from the due time p50 / p99 / max (ms)",
+                pct(self.due_latency_ms, ("p50", "p99", "max")),
+            ),
             ("ack latency p50 / p99 (ms)", pct(self.ack_ms, ("p50", "p99"))),
             ("generator send lag p99 / max (ms)", pct(self.send_lag_ms, ("p99", "max"))),
-            ("deliveries in the measured window",
-             f"{self.measured_deliveries} in {self.window_s:.2f} s"),
-            ("server CPU per delivered message (µs)",
-             num(self.server_cpu_per_delivery_us) + coarse(self.server_cpu_ticks)),
+            (
+                "deliveries in the measured window",
+                f"{self.measured_deliveries} in {self.window_s:.2f} s",
+            ),
+            (
+                "server CPU per delivered message (µs)",
+                num(self.server_cpu_per_delivery_us) + coarse(self.server_cpu_ticks),
+            ),
             ("server CPU (% of one core)", num(self.server_cpu_pct)),
-            ("server CPU per connect + login (µs)",
-             num(self.connect_cpu_us, "{:.0f}") + coarse(self.connect_cpu_ticks)),
+            (
+                "server CPU per connect + login (µs)",
+                num(self.connect_cpu_us, "{:.0f}") + coarse(self.connect_cpu_ticks),
+            ),
             ("server RSS growth per connection (KiB)", num(self.rss_per_conn_kib, "{:.2f}")),
-            ("server peak RSS while loaded (MiB)",
-             num(None if self.rss_peak_kib is None else self.rss_peak_kib / 1024)),
+            (
+                "server peak RSS while loaded (MiB)",
+                num(None if self.rss_peak_kib is None else self.rss_peak_kib / 1024),
+            ),
             ("goodput: deliveries per second while sending", num(self.goodput_per_s)),
             ("generator CPU (% of one core)", num(self.generator_cpu_pct)),
         ]
@@ -510,13 +526,23 @@ async def run_load(
     for i, (uid, token) in enumerate(zip(uids, tokens, strict=True)):
         if static:
             k = i % len(static)
-            clients.append(Client(token=token, device=device, endpoints=static[k:] + static[:k],
-                                  on_event=on_event))
+            clients.append(
+                Client(
+                    token=token, device=device, endpoints=static[k:] + static[:k], on_event=on_event
+                )
+            )
         else:
             query = urllib.parse.urlencode({"uid": uid})
-            clients.append(Client(token=token, device=device, on_event=on_event,
-                                  fetch_endpoints=endpoint_fetcher(
-                                      f"{target.ipconf.rstrip('/')}/gateways?{query}")))
+            clients.append(
+                Client(
+                    token=token,
+                    device=device,
+                    on_event=on_event,
+                    fetch_endpoints=endpoint_fetcher(
+                        f"{target.ipconf.rstrip('/')}/gateways?{query}"
+                    ),
+                )
+            )
 
     async def read(client: Client, uid: str) -> None:
         seen: set[bytes] = set()
@@ -646,7 +672,10 @@ async def run_load(
     # -- results ------------------------------------------------------------------------
     t = tracker
     result.sent, result.acked, result.failed, result.pending = (
-        t.sent, t.acked, t.failed, t.unresolved
+        t.sent,
+        t.acked,
+        t.failed,
+        t.unresolved,
     )
     result.delivered, result.expected = t.delivered, t.expected
     result.lost = t.expected - t.delivered
@@ -709,11 +738,23 @@ class SpawnedCluster:
     async def start(self, timeout_s: float = DEFAULT_READY_TIMEOUT_S) -> Target:
         """Start the launcher and wait until it is ready."""
         cmd = [
-            sys.executable, "-m", f"{__package__}.cluster", "--dev", "--port-base", "0",
-            "--no-demo", "--no-web", "-q", "--gateways", str(self.gateways),
+            sys.executable,
+            "-m",
+            f"{__package__}.cluster",
+            "--dev",
+            "--port-base",
+            "0",
+            "--no-demo",
+            "--no-web",
+            "-q",
+            "--gateways",
+            str(self.gateways),
             # every generated client comes from this machine: one address by design
-            "--max-per-address", "1000000",
-            "--ready-file", str(self.ready), *self.extra_args,
+            "--max-per-address",
+            "1000000",
+            "--ready-file",
+            str(self.ready),
+            *self.extra_args,
         ]
         env = dict(os.environ, IMKIT_SECRET=self.secret.hex())  # not on the command line
         with self._log.open("wb") as log:
@@ -767,27 +808,46 @@ def _parser() -> argparse.ArgumentParser:
         "--mode group --clients 1000 --rate 20",
     )
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--spawn", action="store_true",
-                       help="start python -m examples.cluster as a subprocess, stop it at the end")
+    where.add_argument(
+        "--spawn",
+        action="store_true",
+        help="start python -m examples.cluster as a subprocess, stop it at the end",
+    )
     where.add_argument("--ready-file", help="a launcher's --ready-file (ipconf URL and pid)")
     where.add_argument("--ipconf", help="ipconf URL of a running cluster")
     p.add_argument("--pid", type=int, help="server pid for CPU/RSS figures (with --ipconf)")
     p.add_argument("--secret", help="mint tokens with this hex secret instead of /dev/token")
     p.add_argument("--gateways", type=int, default=1, help="gateways of a --spawn cluster")
-    p.add_argument("--cluster-arg", action="append", default=[], metavar="ARG",
-                   help="pass ARG to a --spawn cluster's command line (repeatable)")
+    p.add_argument(
+        "--cluster-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="pass ARG to a --spawn cluster's command line (repeatable)",
+    )
     p.add_argument("--mode", choices=("1:1", "group"), default="1:1")
     p.add_argument("--clients", type=int, default=100, help="connections (and users)")
     p.add_argument("--rate", type=float, default=1000.0, help="messages per second in total")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
-    p.add_argument("--drain", type=float, default=DEFAULT_DRAIN_S,
-                   help="seconds to wait for the last acks and deliveries")
+    p.add_argument(
+        "--drain",
+        type=float,
+        default=DEFAULT_DRAIN_S,
+        help="seconds to wait for the last acks and deliveries",
+    )
     p.add_argument("--body-size", type=int, default=DEFAULT_BODY_SIZE, help="bytes per message")
-    p.add_argument("--contacts", type=int, default=0,
-                   help="1:1: each sender writes to K fixed contacts (default: anyone)")
-    p.add_argument("--direct", action="store_true",
-                   help="connect to the gateways ipconf lists once, not per client")
+    p.add_argument(
+        "--contacts",
+        type=int,
+        default=0,
+        help="1:1: each sender writes to K fixed contacts (default: anyone)",
+    )
+    p.add_argument(
+        "--direct",
+        action="store_true",
+        help="connect to the gateways ipconf lists once, not per client",
+    )
     p.add_argument("--connect-concurrency", type=int, default=DEFAULT_CONNECT_CONCURRENCY)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -798,10 +858,17 @@ def _parser() -> argparse.ArgumentParser:
 async def _main(args: argparse.Namespace) -> int:
     try:
         config = LoadConfig(
-            mode=args.mode, clients=args.clients, rate=args.rate, duration_s=args.duration,
-            warmup_s=args.warmup, drain_s=args.drain, body_size=args.body_size,
-            contacts=args.contacts, direct=args.direct,
-            connect_concurrency=args.connect_concurrency, seed=args.seed,
+            mode=args.mode,
+            clients=args.clients,
+            rate=args.rate,
+            duration_s=args.duration,
+            warmup_s=args.warmup,
+            drain_s=args.drain,
+            body_size=args.body_size,
+            contacts=args.contacts,
+            direct=args.direct,
+            connect_concurrency=args.connect_concurrency,
+            seed=args.seed,
         )
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

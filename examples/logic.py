@@ -84,8 +84,8 @@ import collections
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import TypeAlias
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from typing import Any, TypeAlias
 
 import attrs
 
@@ -445,6 +445,8 @@ class Logic:
         # merged fan-outs not yet completed (insertion-ordered set); one per merger
         # slot in flight, so bounded by the merger (groups x merge_inflight)
         self._open: dict[FanoutTicket, None] = {}
+        # publishes started from timer callbacks (see _spawn)
+        self._background: set[asyncio.Task[None]] = set()
         self._closed = False
 
     def close(self) -> None:
@@ -461,6 +463,9 @@ class Logic:
         for task in self._sync_tasks:
             task.cancel()
         self._sync_tasks.clear()
+        for bg in self._background:
+            bg.cancel()
+        self._background.clear()
         self._group_members.clear()
 
     async def aclose(self) -> None:
@@ -473,6 +478,14 @@ class Logic:
         if self._flush_task is not None:
             await asyncio.gather(self._flush_task, return_exceptions=True)
         await self.flush_cursors(limit=None)
+
+    async def has_user(self, uid: str) -> bool:
+        """Whether ``uid`` is a registered user (one store call)."""
+        return await self.store.has_user(uid)
+
+    def stats_dict(self) -> dict[str, int]:
+        """The counters, for ``/healthz``."""
+        return self.stats.as_dict()
 
     # -- send ---------------------------------------------------------------------------
 
@@ -541,25 +554,29 @@ class Logic:
                 await store.inbox_add(members, msg.conv, msg.seq)
             except ImkitError:
                 logger.exception("inbox write failed for %s", msg.conv)  # push anyway
-            self._publish_pushes(members, (push,), None)
+            await self._publish_pushes(members, (push,), None)
         elif len(members) <= cfg.push_fanout_max:
             now = self._merge_timer.now_ms()
             try:
                 releases = self.merger.offer(msg.conv, msg.seq, push, _size(push), now)
             except CapacityError:  # max_groups: tell the members to pull instead
-                self._signal(members, msg.conv, msg.seq)
+                await self._signal(members, msg.conv, msg.seq)
             else:
                 # the members its batch goes to when released (the latest list)
                 self._group_members[msg.conv] = members
                 self._release(releases)
             self._merge_timer.rearm()
         else:
-            self._signal(members, msg.conv, msg.seq)
+            await self._signal(members, msg.conv, msg.seq)
 
-    def _publish_pushes(
+    async def _publish_pushes(
         self, uids: Iterable[str], pushes: tuple[Push, ...], on_done: Callable[[], object] | None
     ) -> None:
-        by_gateway = self.routes.group_by_gateway(uids)
+        try:
+            by_gateway = await self.routes.group_by_gateway(uids)
+        except ImkitError:  # the route table is unreachable: the members sync later
+            logger.warning("route lookup failed: %d pushes not sent", len(pushes))
+            by_gateway = {}
         ticket: FanoutTicket | None = None
         if on_done is not None:
             if not by_gateway:
@@ -612,9 +629,9 @@ class Logic:
             members = self._group_members.get(group, frozenset())
             if r.kind is ReleaseKind.PUSH:
                 done = functools.partial(self._merge_done, group)
-                self._publish_pushes(members, r.messages, done)
+                self._spawn(self._publish_pushes(members, r.messages, done))
             else:  # the queue overflowed: members pull up to last_seq
-                self._signal(members, group, r.last_seq)
+                self._spawn(self._signal(members, group, r.last_seq))
                 self._merge_done(group)
 
     def gateway_gone(self, gateway: str) -> int:
@@ -641,24 +658,54 @@ class Logic:
     def _merge_due(self, now_ms: int) -> None:
         self._release(self.merger.due(now_ms))
 
-    def _signal(self, members: Iterable[str], conv: str, seq: int) -> None:
-        routes = self.routes
-        online = [u for u in members if routes.lookup(u)]
+    async def _signal(self, members: Iterable[str], conv: str, seq: int) -> None:
+        try:
+            by_gateway = await self.routes.group_by_gateway(members)
+        except ImkitError:  # the route table is unreachable: the members sync later
+            logger.warning("route lookup failed: pull signals for %s not sent", conv)
+            return
+        online = {route.uid for routes in by_gateway.values() for route in routes}
         now = self._signal_timer.now_ms()
-        self._send_signals(self.signals.offer_many(online, conv, seq, now))
+        signals = self.signals.offer_many(online, conv, seq, now)
         self._signal_timer.rearm()
+        await self._send_signals(signals)
 
     def _signals_due(self, now_ms: int) -> None:
-        self._send_signals(self.signals.due(now_ms))
+        signals = self.signals.due(now_ms)
+        if signals:
+            self._spawn(self._send_signals(signals))
 
-    def _send_signals(self, signals: list[tuple[str, tuple[tuple[str, int], ...]]]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` (a publish that looks routes up) from a synchronous callback.
+
+        With the in-process route table it runs to its end in its first step, so
+        tasks publish in the order they were spawned. Bounded by what spawns them:
+        merger releases (groups x ``merge_inflight``) and signal windows.
+        """
+        if self._closed:
+            work.close()
+            return
+        task = self._loop.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("fan-out task failed", exc_info=task.exception())
+
+    async def _send_signals(self, signals: list[tuple[str, tuple[tuple[str, int], ...]]]) -> None:
         if not signals:
             return
         by_gateway: dict[str, list[tuple[Route, Notify]]] = {}
-        for user, entries in signals:
-            notify = Notify(entries=entries)
-            for route in self.routes.lookup(user):
-                by_gateway.setdefault(route.gateway, []).append((route, notify))
+        notifies = {user: Notify(entries=entries) for user, entries in signals}
+        try:
+            grouped = await self.routes.group_by_gateway(notifies)
+        except ImkitError:  # the route table is unreachable: the members sync later
+            logger.warning("route lookup failed: %d pull signals not sent", len(signals))
+            return
+        for gateway, routes in grouped.items():
+            by_gateway[gateway] = [(route, notifies[route.uid]) for route in routes]
         for gateway, items in by_gateway.items():
             self.stats.notifies += len(items)
             self._publish(gateway, Signals(items=tuple(items)))
@@ -704,9 +751,7 @@ class Logic:
         if known is not None and seq <= known.get(conv, 0):
             return  # nothing new (the common case: no store call)
         try:
-            if (known is None or conv not in known) and not await self.store.is_member(
-                uid, conv
-            ):
+            if (known is None or conv not in known) and not await self.store.is_member(uid, conv):
                 return
         except ImkitError:  # a store failure, a full worker queue: the claim is only a hint
             return
@@ -859,9 +904,7 @@ class Logic:
         self, request: SyncRequested, answer: Callable[[SyncRequested, list[SyncPage]], object]
     ) -> None:
         try:
-            pages = await self.sync_now(
-                request.uid, request.device, request.after, request.limit
-            )
+            pages = await self.sync_now(request.uid, request.device, request.after, request.limit)
         except ImkitError:
             logger.exception("sync of %s failed", request.uid)
             pages = []
@@ -978,7 +1021,11 @@ class Logic:
             return  # big groups: read cursors are kept, not broadcast
         frame = Receipt(conv=conv, seq=cursor, reader=uid)
         others = [u for u in members if u != uid]
-        for gateway, routes in self.routes.group_by_gateway(others).items():
+        try:
+            grouped = await self.routes.group_by_gateway(others)
+        except ImkitError:  # the route table is unreachable: receipts are stored anyway
+            return
+        for gateway, routes in grouped.items():
             self._publish(gateway, Deliver(targets=tuple(routes), frames=(frame,)))
 
     def kick_route(self, route: Route, code: int, reason: str = "") -> None:

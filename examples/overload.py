@@ -109,9 +109,12 @@ class LoadShedder:
         retry_after_ms: int = DEFAULT_SHED_RETRY_MS,
         enabled: bool = True,
     ) -> None:
-        for name, value in (("max_lag_ms", 1 if max_lag_ms is None else max_lag_ms),
-                            ("max_backlog", max_backlog),
-                            ("sample_ms", sample_ms), ("retry_after_ms", retry_after_ms)):
+        for name, value in (
+            ("max_lag_ms", 1 if max_lag_ms is None else max_lag_ms),
+            ("max_backlog", max_backlog),
+            ("sample_ms", sample_ms),
+            ("retry_after_ms", retry_after_ms),
+        ):
             if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
         self.backlog = backlog

@@ -387,18 +387,24 @@ class TestServer:
             Kick(code=ErrorCode.SERVER_BUSY, reason="server busy", retry_after_ms=1234)
         ]
 
-    def test_close_kicks_every_client_with_shutdown(self, run: Runner) -> None:
-        """Server.aclose sends Kick(SHUTDOWN, retry hint) to each client and waits."""
+    def test_close_kicks_every_client_with_a_spread_shutdown_hint(self, run: Runner) -> None:
+        """Server.aclose sends Kick(SHUTDOWN) to each client, each with its own retry
+        hint in [0.5, 1.5) x shutdown_retry_after_ms, so they do not return in a wave."""
 
-        async def main() -> Message:
-            server = await pong_server(shutdown_retry_after_ms=777)
-            client = await open_connection(HOST, server.port)
-            client.send(Ping(nonce=1))
-            assert await client.recv() == Pong(nonce=1)
+        async def main() -> list[Message]:
+            server = await pong_server(shutdown_retry_after_ms=1000)
+            clients = [await open_connection(HOST, server.port) for _ in range(20)]
+            for i, client in enumerate(clients):
+                client.send(Ping(nonce=i))
+                assert await client.recv() == Pong(nonce=i)
             await server.aclose()
-            return await client.recv()
+            return [await client.recv() for client in clients]
 
-        assert run(main()) == Kick(code=ErrorCode.SHUTDOWN, reason="shutdown", retry_after_ms=777)
+        kicks = run(main())
+        assert all(type(k) is Kick and k.code == ErrorCode.SHUTDOWN for k in kicks)
+        hints = [k.retry_after_ms for k in kicks if type(k) is Kick]
+        assert all(500 <= h < 1500 for h in hints)
+        assert len(set(hints)) >= 10  # spread, not one value
 
     def test_close_is_a_deprecated_alias_of_aclose(self, run: Runner) -> None:
         """Server.close() still closes (kick included) and warns DeprecationWarning."""
@@ -414,7 +420,8 @@ class TestServer:
             return await client.recv(), [w.category for w in caught]
 
         told, caught = run(main())
-        assert told == Kick(code=ErrorCode.SHUTDOWN, reason="shutdown", retry_after_ms=5)
+        assert type(told) is Kick and told.code == ErrorCode.SHUTDOWN
+        assert 2 <= told.retry_after_ms < 8
         assert caught == [DeprecationWarning]
 
     def test_a_failing_handler_leaks_no_detail(self, run: Runner) -> None:

@@ -22,7 +22,7 @@ from examples.httpclient import endpoint_fetcher, fetch_json
 from examples.logic import LogicConfig
 from examples.probe import RawClient
 
-from imkit.aio import Client, ClientStatus
+from imkit.aio import Client, ClientStatus, InlineStore
 from imkit.policy import Backoff
 from imkit.protocol import (
     ErrorCode,
@@ -315,9 +315,7 @@ class TestBigGroup:
                 ]
                 await asyncio.gather(*futures)
                 total = per_sender * len(senders)
-                results = await asyncio.gather(
-                    *(take(c, total, "lobby") for c in clients.values())
-                )
+                results = await asyncio.gather(*(take(c, total, "lobby") for c in clients.values()))
                 await clients["alice"].send("lobby", b"end")  # nothing else may come before it
                 ends = await asyncio.gather(*(take(c, 1, "lobby") for c in clients.values()))
                 got = {
@@ -413,7 +411,7 @@ class TestReconnect:
                 first = await take(bob, 1, conv)
                 proxy.blocked = True
                 proxy.cut()
-                await wait_until(lambda: not cluster.routes.lookup("bob"))  # bob is in grace
+                await wait_until(lambda: not cluster.routes.table.lookup("bob"))  # bob is in grace
                 for i in range(5):
                     await alice.send(conv, f"missed-{i}".encode())
                 proxy.blocked = False
@@ -533,8 +531,8 @@ class TestSeed:
         from imkit.store import MemoryStore
 
         store = MemoryStore()
-        seed_demo(store, lobby_size=20)
-        seed_demo(store, lobby_size=20)
+        asyncio.run(seed_demo(InlineStore(store), lobby_size=20))
+        asyncio.run(seed_demo(InlineStore(store), lobby_size=20))
         assert len(store.members("lobby")) == 20
         assert store.members("team") == {"alice", "bob", "carol"}
 
@@ -556,4 +554,3 @@ async def _login_again(cluster: Cluster, token: str) -> str:
     ack = await raw.login(token, "phone")
     raw.close()
     return ack.uid
-

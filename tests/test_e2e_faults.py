@@ -55,14 +55,14 @@ class TestHeartbeat:
                 raw = await RawClient.connect(host, int(port))
                 ack = await raw.login(cluster.token("alice", "silent"), "silent")
                 assert ack.heartbeat_ms == 100
-                assert cluster.routes.lookup("alice")
+                assert cluster.routes.table.lookup("alice")
                 kick = await raw.expect(Kick)  # we never ping: the 200 ms deadline passes
                 await raw.wait_closed()
-                await wait_until(lambda: not cluster.routes.lookup("alice"))
-                binding = cluster.routes.get("alice", "silent")
+                await wait_until(lambda: not cluster.routes.table.lookup("alice"))
+                binding = cluster.routes.table.get("alice", "silent")
                 parked = binding is not None and binding.disconnected_ms is not None
-                await wait_until(lambda: cluster.routes.get("alice", "silent") is None)
-                bob_online = bool(cluster.routes.lookup("bob"))
+                await wait_until(lambda: cluster.routes.table.get("alice", "silent") is None)
+                bob_online = bool(cluster.routes.table.lookup("bob"))
                 still = alive.state.value == "online"
                 await alive.aclose()
                 return kick.code, parked, bob_online, still, cluster.routes.expired
@@ -108,9 +108,9 @@ class TestSlowReader:
                     if i % 20 == 0:
                         await asyncio.sleep(0)  # let the gateway interleave deliveries
                 got = await asyncio.gather(*reading)
-                await wait_until(lambda: not cluster.routes.lookup("erin"))
+                await wait_until(lambda: not cluster.routes.table.lookup("erin"))
                 kicked = any(g.closes[ErrorCode.SLOW_CONSUMER] for g in cluster.gateways)
-                bob_online = bool(cluster.routes.lookup("bob"))
+                bob_online = bool(cluster.routes.table.lookup("bob"))
                 slow.abort()
                 for c in (sender, *readers):
                     await c.aclose()
@@ -124,8 +124,10 @@ class TestSlowReader:
         assert bob_online
         p99 = statistics.quantiles(latencies, n=100)[98]
         # Reported, not asserted (no timing assertions): the others' tail latency.
-        print(f"\nothers' delivery latency p50 {statistics.median(latencies) * 1000:.1f} ms, "
-              f"p99 {p99 * 1000:.1f} ms over {len(latencies)} deliveries")
+        print(
+            f"\nothers' delivery latency p50 {statistics.median(latencies) * 1000:.1f} ms, "
+            f"p99 {p99 * 1000:.1f} ms over {len(latencies)} deliveries"
+        )
 
 
 class TestReplaced:
@@ -146,7 +148,7 @@ class TestReplaced:
                 second = make_client(cluster, "bob", endpoints=[gw2])
                 await online(second)
                 await wait_until(lambda: bool(kicks))
-                routes = cluster.routes.lookup("bob")
+                routes = cluster.routes.table.lookup("bob")
                 on_gw2 = len(routes) == 1 and routes[0].gateway == "gw-2"
                 alice = make_client(cluster, "alice")
                 await online(alice)
@@ -279,8 +281,10 @@ class TestGatewayKilled:
                 await wait_until(lambda: cluster.logic.merger.inflight("room") == 0)
                 # the registry's TTL (15 s) has not passed: the dead routes are still bound
                 still_bound = all(
-                    r.gateway == "gw-3" for u in ("carol", "erin") for r in cluster.routes.lookup(u)
-                ) and bool(cluster.routes.lookup("carol"))
+                    r.gateway == "gw-3"
+                    for u in ("carol", "erin")
+                    for r in cluster.routes.table.lookup(u)
+                ) and bool(cluster.routes.table.lookup("carol"))
                 for c in (alice, *others, *victims):
                     await c.aclose()
                 unrouted = cluster.logic.stats.unrouted
@@ -299,9 +303,7 @@ class TestGatewayKilled:
     ) -> None:
         """Killed with a fan-out queued for it: others get all; after the TTL its routes go."""
         gateway = GatewayConfig(server=FAST_SERVER, report_interval_ms=100)
-        cfg = config(
-            gateways=3, logic=MERGED, gateway=gateway, discovery_ttl_ms=600, grace_ms=300
-        )
+        cfg = config(gateways=3, logic=MERGED, gateway=gateway, discovery_ttl_ms=600, grace_ms=300)
         n = 200
 
         async def main() -> tuple[list[list[bytes]], int, bool, bool, int, int]:
@@ -336,13 +338,15 @@ class TestGatewayKilled:
                 await wait_until(lambda: cluster.logic.merger.inflight("room") == 0)
                 await wait_until(lambda: cluster.gateways_lost >= 1)
                 await wait_until(
-                    lambda: all(cluster.routes.get(u, "phone") is None for u in ("carol", "erin"))
+                    lambda: all(
+                        cluster.routes.table.get(u, "phone") is None for u in ("carol", "erin")
+                    )
                 )
-                alive = all(cluster.routes.lookup(u) for u in ("alice", "bob", "dave"))
+                alive = all(cluster.routes.table.lookup(u) for u in ("alice", "bob", "dave"))
                 left = any(
                     r.gateway == "gw-3"
                     for u in cluster.store.members("room")
-                    for r in cluster.routes.lookup(u)
+                    for r in cluster.routes.table.lookup(u)
                 )
                 lost = cluster.gateways_lost
                 for c in (alice, *others, *victims):
@@ -371,7 +375,7 @@ class TestGatewayKilled:
                 await online(alice, bob)
                 await cluster.registry.deregister("gw-2")  # as if its reports came late
                 await cluster.reap_gateways()
-                parked = not cluster.routes.lookup("bob")
+                parked = not cluster.routes.table.lookup("bob")
                 gw = cluster.gateways[1]
                 await wait_until(lambda: gw.rebound >= 1)
                 await alice.send("team", b"after")

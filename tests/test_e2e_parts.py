@@ -250,15 +250,19 @@ class TestFanoutTicket:
 class TestAdmin:
     def test_admin_commands_manage_users_and_groups(self) -> None:
         """create-user, create-group, join, leave, members, conversations, inbox."""
-        store = MemoryStore()
-        assert admin(store, "create-user", ["a", "b", "c"]) == {"a": True, "b": True, "c": True}
-        assert admin(store, "create-group", ["g", "a", "b"]) == {"created": True}
-        assert admin(store, "join", ["g", "c"]) == {"c": True}
-        assert admin(store, "leave", ["g", "a"]) == {"a": True}
-        assert admin(store, "members", ["g"]) == ["b", "c"]
-        assert admin(store, "conversations", ["c"]) == ["g"]
-        assert admin(store, "inbox", ["c"]) == []
+        store = InlineStore(MemoryStore())
+        assert asyncio.run(admin(store, "create-user", ["a", "b", "c"])) == {
+            "a": True,
+            "b": True,
+            "c": True,
+        }
+        assert asyncio.run(admin(store, "create-group", ["g", "a", "b"])) == {"created": True}
+        assert asyncio.run(admin(store, "join", ["g", "c"])) == {"c": True}
+        assert asyncio.run(admin(store, "leave", ["g", "a"])) == {"a": True}
+        assert asyncio.run(admin(store, "members", ["g"])) == ["b", "c"]
+        assert asyncio.run(admin(store, "conversations", ["c"])) == ["g"]
+        assert asyncio.run(admin(store, "inbox", ["c"])) == []
         with pytest.raises(ValueError, match="unknown command"):
-            admin(store, "drop-everything", [])
+            asyncio.run(admin(store, "drop-everything", []))
         with pytest.raises(UserNotFound):
-            admin(store, "join", ["g", "nobody"])
+            asyncio.run(admin(store, "join", ["g", "nobody"]))

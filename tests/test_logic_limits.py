@@ -343,7 +343,9 @@ class TestReceipts:
             logic, _counting = _logic(store)
             for uid in uids:
                 epoch = logic.routes.new_epoch()
-                logic.routes.bind(Route(uid=uid, device="d", gateway="gw", conn_id=1, epoch=epoch))
+                await logic.routes.bind(
+                    Route(uid=uid, device="d", gateway="gw", conn_id=1, epoch=epoch)
+                )
             sub = logic.bus.subscribe_nowait("gw", max_pending=1000)
             await logic.receipt("u1", "g", 2)
             first = logic.stats.envelopes

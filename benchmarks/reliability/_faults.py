@@ -100,7 +100,7 @@ async def scenario_gateway_kill(
         drained = await drain(pop, lambda: cluster.store)
         truth = store_truth(cluster.store, layout.convs)
         check = check_history(history, truth, wire_duplicates=pop.wire_duplicates())
-        stale = cluster.routes.group_by_gateway(layout.users).get(victim.id, [])
+        stale = cluster.routes.table.group_by_gateway(layout.users).get(victim.id, [])
         survivors = {
             g.id: g.connections for g in cluster.gateways if g is not victim
         }

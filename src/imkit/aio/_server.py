@@ -39,6 +39,7 @@ import asyncio
 import collections
 import ipaddress
 import logging
+import random
 import socket
 import warnings
 from collections.abc import Awaitable, Callable
@@ -93,8 +94,10 @@ DEFAULT_MAX_PER_ADDRESS = 2_000
 #: flood does not turn into a retry storm, short enough to come back soon.
 DEFAULT_BUSY_RETRY_AFTER_MS = 5_000
 
-#: Retry hint in the Kick sent to every client on shutdown; clients add their own
-#: full-jitter backoff on top, so a restart does not make them all return at once.
+#: Mean retry hint in the Kick sent to every client on shutdown. Each client gets
+#: its own hint, drawn uniformly from [0.5, 1.5) x this (a client never reconnects
+#: before its hint), so a drained gateway's clients return spread over a second
+#: instead of in one wave.
 DEFAULT_SHUTDOWN_RETRY_AFTER_MS = 1_000
 
 Handler = Callable[[FramedConnection], Awaitable[None]]
@@ -322,15 +325,12 @@ class Server:
         self.closing = True
         if self.listener is not None:
             self.listener.close()
+        mean = self.shutdown_retry_after_ms
         for conn in list(self.connections):
             if kick:
-                conn.close(
-                    Kick(
-                        code=ErrorCode.SHUTDOWN,
-                        reason="shutdown",
-                        retry_after_ms=self.shutdown_retry_after_ms,
-                    )
-                )
+                # spread: each client its own hint in [0.5, 1.5) x mean
+                hint = mean // 2 + int(random.random() * mean)
+                conn.close(Kick(code=ErrorCode.SHUTDOWN, reason="shutdown", retry_after_ms=hint))
             else:
                 conn.close()
         for task in list(self.tasks):
