@@ -602,7 +602,10 @@ class Gateway:
                     continue
                 result = await self.logic.send(out.uid, out.device, out.cid, out.conv, out.body)
                 if isinstance(result, int):
-                    self._emit(conn, session.fail_send(out.cid, result))
+                    # transient refusals carry a retry hint (the client resends then)
+                    busy = result == ErrorCode.SERVER_BUSY
+                    hint = self.shedder.retry_hint_ms() if busy else 0
+                    self._emit(conn, session.fail_send(out.cid, result, retry_after_ms=hint))
                 else:
                     acked = session.ack_send(out.cid, result.seq, result.msg_id, result.server_ms)
                     self._emit(conn, acked)

@@ -5,9 +5,16 @@ What it does
 
     1. **Target.** ``--spawn`` starts ``python -m examples.cluster`` as a separate
        process (so the generator's CPU is never counted as the server's) and stops
-       it at the end; ``--ready-file F`` reads the ipconf URL and the server's pid
-       from a launcher's ready file; ``--ipconf URL`` (with ``--pid`` for the CPU
-       and memory figures) targets any running cluster.
+       it at the end; ``--ready-file F`` reads the ipconf URL and the server's
+       processes from a launcher's ready file (the launcher's pid and, for a
+       ``--processes`` launcher, every child it lists: gateways, logic, ipconf);
+       ``--ipconf URL`` (with ``--pid`` for the CPU and memory figures, repeatable)
+       targets any running cluster. ``--pid`` adds imkit processes to any target.
+       ``--count-process NAME`` (repeatable) adds the CPU of every process whose
+       ``/proc/<pid>/comm`` is NAME when measuring starts (``redis-server``,
+       ``nats-server``, ``postgres``: PostgreSQL runs one backend per connection,
+       so all of them) and ``--count-pid PID`` one process: the backends, counted
+       apart from the imkit processes so both figures are reported.
     2. **Users.** Registers N fresh users ``lg<run>-00000``... through the
        launcher's ``POST /admin`` (and, with ``--mode group``, one group of all of
        them); login tokens come from ``/dev/token``, or are minted locally with
@@ -33,9 +40,13 @@ What it does
        application (and from the schedule's due time, which adds the generator's
        own lateness: its timers and a busy loop), ack latency p50/p99, the
        generator's send lag, **server CPU per delivered message**
-       (user + system from ``/proc/<pid>/stat`` over the measured window divided
-       by its deliveries: the PEERS.md metric), server CPU per connect + login,
-       server VmRSS growth per connection, and the generator's own CPU.
+       (user + system from ``/proc/<pid>/stat`` over the measured window, summed
+       over the imkit processes, divided by its deliveries: the PEERS.md metric),
+       the same for the counted backends and for both together, how many
+       processes were counted (and how many exited meanwhile), server CPU per
+       connect + login, server VmRSS growth per connection (summed over the imkit
+       processes; the backends' memory is not theirs alone), and the generator's
+       own CPU.
 
 Policies
     Counts (sent ... duplicates) cover every message of the run, the warm-up's
@@ -48,7 +59,11 @@ Policies
     (:func:`imkit.aio.run`). Clients are connected at most
     ``--connect-concurrency`` at a time. Each client's share of the rate
     must stay under the gateway's flood limit (200 frames/s per connection) and
-    the session's 64 sends in flight.
+    the session's 64 sends in flight. The processes are fixed when measuring
+    starts: one that exits before the end drops out of the sums (its CPU is lost,
+    the report counts it), one started later (a restarted child, a new
+    PostgreSQL backend) is not counted; the ready file is read once. The
+    generator itself is never counted, even when its name matches.
 
 What it leaves out
     Reconnect storms, slow readers and other faults (tests/test_e2e_faults.py
@@ -62,6 +77,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import functools
 import json
@@ -76,7 +92,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +125,9 @@ __all__ = [
     "percentile",
     "proc_cpu_s",
     "proc_rss_kib",
+    "processes_named",
     "run_load",
+    "target_from_ready_file",
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,6 +150,9 @@ ADMIN_CHUNK = 1000
 TOKEN_CONCURRENCY = 32
 #: How long one client may take to come online before the run is abandoned.
 LOGIN_TIMEOUT_S = 30.0
+#: Linux keeps 15 bytes of a process name in /proc/<pid>/comm (TASK_COMM_LEN 16
+#: with the NUL): a longer ``--count-process`` name could never match.
+COMM_MAX = 15
 
 _MEASURED = b"m"
 _WARMUP = b"w"
@@ -175,13 +196,58 @@ class LoadConfig:
             raise ConfigError("contacts must be >= 0 and connect_concurrency >= 1")
 
 
+def _pid_tuple(pids: Iterable[int]) -> tuple[int, ...]:
+    """Positive pids, first occurrence kept (a pid listed twice is counted once)."""
+    out = tuple(dict.fromkeys(int(pid) for pid in pids))
+    if any(pid <= 0 for pid in out):
+        raise ConfigError(f"pids must be > 0, got {out}")
+    return out
+
+
+def _name_tuple(names: Iterable[str]) -> tuple[str, ...]:
+    out = tuple(dict.fromkeys(names))
+    for name in out:
+        if not 0 < len(name) <= COMM_MAX or "/" in name:
+            raise ConfigError(f"a process name is 1-{COMM_MAX} characters without '/': {name!r}")
+    return out
+
+
 @attrs.frozen(kw_only=True)
 class Target:
-    """A running cluster: its ipconf URL, the server pid (None: no CPU/RSS figures)."""
+    """A running cluster and the processes whose CPU (and memory) a run measures.
+
+    ``pids`` are the imkit server processes (CPU and VmRSS, summed; none: no
+    server figures); ``backend_pids`` and every process named in
+    ``count_processes`` (its ``/proc/<pid>/comm``, looked up when measuring
+    starts) are the backends: their CPU is summed apart, their memory is not
+    read. A pid given twice counts once. Measuring costs one ``/proc`` read per
+    process per reading, and one scan of ``/proc`` when names are given.
+    """
 
     ipconf: str
-    pid: int | None = None
+    pids: tuple[int, ...] = attrs.field(default=(), converter=_pid_tuple)
+    backend_pids: tuple[int, ...] = attrs.field(default=(), converter=_pid_tuple)
+    count_processes: tuple[str, ...] = attrs.field(default=(), converter=_name_tuple)
     secret: bytes | None = None  # mint tokens locally instead of asking /dev/token
+
+
+def target_from_ready_file(path: str | os.PathLike[str], *, secret: bytes | None = None) -> Target:
+    """The :class:`Target` a launcher's ``--ready-file`` describes. O(processes listed).
+
+    Its ``pids`` are the launcher's ``pid`` and, for a ``--processes`` launcher,
+    the ``pid`` of every entry of ``processes`` (read once: a child restarted
+    later is not followed). Raises :class:`LoadError` for a file that cannot be
+    read or lacks ``ipconf`` or ``pid``.
+    """
+    try:
+        info = json.loads(Path(path).read_text())
+        pids = [int(info["pid"])] + [int(p["pid"]) for p in info.get("processes") or ()]
+        ipconf = info["ipconf"]
+        if not isinstance(ipconf, str):
+            raise TypeError(f"ipconf is {ipconf!r}")
+        return Target(ipconf=ipconf, pids=pids, secret=secret)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise LoadError(f"cannot use the ready file {path}: {exc!r}") from exc
 
 
 @attrs.define(kw_only=True)
@@ -209,6 +275,7 @@ class LoadResult:
     echoes: int = 0  # the sender's own copies (not counted as deliveries)
     kicks: int = 0
     reconnects: int = 0
+    measured_sent: int = 0  # messages sent in the measured window (the warm-up's not)
     measured_deliveries: int = 0
     latency_ms: dict[str, float] = attrs.field(factory=dict)
     due_latency_ms: dict[str, float] = attrs.field(factory=dict)  # from the schedule's due time
@@ -219,13 +286,21 @@ class LoadResult:
     server_cpu_ticks: int | None = None  # the same in clock ticks: its resolution
     server_cpu_per_delivery_us: float | None = None
     server_cpu_pct: float | None = None
+    server_processes: int = 0  # imkit processes counted (alive when measuring started)
+    backend_processes: dict[str, int] = attrs.field(factory=dict)  # comm name -> count
+    processes_gone: int = 0  # counted processes that exited before the end (CPU lost)
+    backend_cpu_s: float | None = None
+    backend_cpu_ticks: int | None = None
+    backend_cpu_per_delivery_us: float | None = None
+    total_cpu_per_delivery_us: float | None = None  # imkit processes + backends
+    process_cpu_s: dict[str, float] = attrs.field(factory=dict)  # "<name> <pid>" -> s
     connect_s: float = 0.0
     connect_cpu_us: float | None = None
     connect_cpu_ticks: int | None = None
     rss_before_kib: int | None = None
     rss_after_kib: int | None = None
     rss_per_conn_kib: float | None = None
-    rss_peak_kib: int | None = None  # the server's highest VmRSS while loaded (4 samples/s)
+    rss_peak_kib: int | None = None  # highest VmRSS sum while loaded (4 samples/s)
     send_window_s: float = 0.0  # from the first measured send to the last send
     goodput_per_s: float = 0.0  # deliveries that arrived while sending, per second
     generator_cpu_pct: float = 0.0
@@ -287,6 +362,22 @@ class LoadResult:
                 num(self.server_cpu_per_delivery_us) + coarse(self.server_cpu_ticks),
             ),
             ("server CPU (% of one core)", num(self.server_cpu_pct)),
+            ("processes counted", self._processes_counted()),
+        ]
+        if self.backend_processes:
+            rows += [
+                (
+                    "backend CPU per delivered message (µs)",
+                    num(self.backend_cpu_per_delivery_us) + coarse(self.backend_cpu_ticks),
+                ),
+                (
+                    "server + backends CPU per delivered message (µs)",
+                    num(self.total_cpu_per_delivery_us),
+                ),
+            ]
+        if self.process_cpu_s:
+            rows.append(("CPU by process in the measured window (s)", self._cpu_by_name()))
+        rows += [
             (
                 "server CPU per connect + login (µs)",
                 num(self.connect_cpu_us, "{:.0f}") + coarse(self.connect_cpu_ticks),
@@ -302,6 +393,103 @@ class LoadResult:
         lines = ["| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in rows]
         return "\n".join(lines)
+
+    def _processes_counted(self) -> str:
+        text = f"{self.server_processes} imkit (CPU and RSS)"
+        if self.backend_processes:
+            names = ", ".join(f"{k} {v}" for k, v in sorted(self.backend_processes.items()))
+            text += f" + {names} (CPU only)"
+        if self.processes_gone:
+            text += f"; {self.processes_gone} exited while measured (their CPU is missing)"
+        return text
+
+    def _cpu_by_name(self) -> str:
+        """``name s`` per process name (``--id`` or comm), summed over its pids."""
+        by_name: dict[str, float] = collections.defaultdict(float)
+        count: collections.Counter[str] = collections.Counter()
+        for key, used in self.process_cpu_s.items():
+            name = key.rsplit(" ", 1)[0]
+            by_name[name] += used
+            count[name] += 1
+        return ", ".join(
+            f"{name}{f' ×{count[name]}' if count[name] > 1 else ''} {used:.2f}"
+            for name, used in sorted(by_name.items(), key=lambda kv: -kv[1])
+        )
+
+
+# --- the processes measured ---------------------------------------------------------------
+
+
+def processes_named(names: Iterable[str]) -> dict[int, str]:
+    """``{pid: name}`` of every process whose ``/proc/<pid>/comm`` is one of ``names``.
+
+    This process is left out (the generator is never the server). One scan of
+    ``/proc``: O(processes on the machine), about a millisecond per few hundred.
+    Processes that exit during the scan, or cannot be read, are skipped.
+    """
+    wanted = set(names)
+    me = os.getpid()
+    found: dict[int, str] = {}
+    if not wanted:
+        return found
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if not entry.name.isdigit() or int(entry.name) == me:
+                continue
+            try:
+                comm = Path(entry.path, "comm").read_text().rstrip("\n")
+            except OSError:
+                continue
+            if comm in wanted:
+                found[int(entry.name)] = comm
+    return found
+
+
+def _comm(pid: int) -> str:
+    """``/proc/<pid>/comm``, or ``"?"`` when it cannot be read."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().rstrip("\n")
+    except OSError:
+        return "?"
+
+
+def _label(pid: int) -> str:
+    """``"<name> <pid>"``: the value of ``--id`` on its command line (an imkit role:
+    ``gw-1``, ``logic-2``, ``ipconf``), ``cluster`` for a launcher, else its comm."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        argv = []
+    if b"--id" in argv[:-1]:
+        name = argv[argv.index(b"--id") + 1].decode(errors="replace")
+    elif any(a.endswith(b".cluster") or a.endswith(b"/imkit-cluster") for a in argv):
+        name = "cluster"
+    else:
+        name = _comm(pid)
+    return f"{name} {pid}"
+
+
+def _cpu_readings(pids: Iterable[int]) -> dict[int, float]:
+    """CPU seconds of each pid still running. O(pids) /proc reads."""
+    out: dict[int, float] = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):  # ProcessGone: exited
+            out[pid] = proc_cpu_s(pid)
+    return out
+
+
+def _cpu_used(before: dict[int, float], after: dict[int, float], pids: Iterable[int]) -> float:
+    """CPU seconds used between two readings by those of ``pids`` in both. O(pids)."""
+    return sum((after[p] - before[p] for p in pids if p in before and p in after), 0.0)
+
+
+def _rss_sum(pids: Sequence[int]) -> int | None:
+    """VmRSS summed over the pids still running (KiB); None when none is. O(pids)."""
+    total: int | None = None
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total = (total or 0) + proc_rss_kib(pid)
+    return total
 
 
 # --- small helpers ----------------------------------------------------------------------
@@ -478,13 +666,27 @@ async def _register(target: Target, uids: list[str], group: str | None) -> None:
 
 
 async def run_load(
-    target: Target, config: LoadConfig, *, log: Callable[[str], object] | None = None
+    target: Target,
+    config: LoadConfig,
+    *,
+    log: Callable[[str], object] | None = None,
+    on_window: Callable[[str], Awaitable[object]] | None = None,
 ) -> LoadResult:
     """Register users, connect, send on schedule, drain, and measure (see the module doc).
 
     Runs in the caller's event loop. Costs O(messages + deliveries) memory for the
-    bookkeeping (a dict entry per message, a set entry and a latency per delivery).
-    Raises :class:`LoadError` when users cannot be created or clients cannot log in.
+    bookkeeping (a dict entry per message, a set entry and a latency per delivery),
+    and O(processes) ``/proc`` reads per CPU reading (four in a run) and per
+    memory sample (4 a second).
+
+    ``on_window`` (for a benchmark reading other counters over the same window)
+    is called with ``"start"`` right after the CPU readings that open the
+    measured window (in a task of its own: the sends go on meanwhile) and with
+    ``"end"`` right after those that close it (awaited, after the start call
+    finished); what it raises comes out of this call.
+
+    Raises :class:`LoadError` when a process to measure does not exist, users
+    cannot be created or clients cannot log in.
     """
     say = log or (lambda _: None)
     cfg = config
@@ -495,7 +697,7 @@ async def run_load(
     device = "loadgen"
     tracker = _Tracker()
     rng = random.Random(cfg.seed)
-    pid = target.pid
+    pids = target.pids
     result = LoadResult(
         mode=cfg.mode,
         clients=n,
@@ -506,8 +708,9 @@ async def run_load(
         connect_via="static endpoints" if cfg.direct else "ipconf",
     )
 
-    if pid and not Path(f"/proc/{pid}/stat").exists():
-        raise LoadError(f"no process {pid} on this machine to read the server's CPU from")
+    for pid in (*pids, *target.backend_pids):
+        if not Path(f"/proc/{pid}/stat").exists():
+            raise LoadError(f"no process {pid} on this machine to read the CPU of")
     say(f"registering {n} users" + (f" and group {group}" if group else ""))
     await _register(target, uids, group)
     tokens = await _tokens(target, uids, device)
@@ -554,8 +757,8 @@ async def run_load(
     try:
         # -- connect ------------------------------------------------------------------
         say(f"connecting {n} clients")
-        cpu0 = proc_cpu_s(pid) if pid else None
-        rss0 = proc_rss_kib(pid) if pid else None
+        cpu0 = _cpu_readings(pids) if pids else None
+        rss0 = _rss_sum(pids) if pids else None
         t0 = time.monotonic()
         gate = asyncio.Semaphore(cfg.connect_concurrency)
 
@@ -571,13 +774,14 @@ async def run_load(
         readers = [asyncio.create_task(read(c, u)) for c, u in zip(clients, uids, strict=True)]
         await asyncio.gather(*(connect(c) for c in clients))
         result.connect_s = time.monotonic() - t0
-        if pid and cpu0 is not None and rss0 is not None:
-            used = proc_cpu_s(pid) - cpu0
+        if pids and cpu0 is not None and rss0 is not None:
+            used = _cpu_used(cpu0, _cpu_readings(pids), pids)
             result.connect_cpu_us = used / n * 1e6
             result.connect_cpu_ticks = round(used * os.sysconf("SC_CLK_TCK"))
             result.rss_before_kib = rss0
-            result.rss_after_kib = proc_rss_kib(pid)
-            result.rss_per_conn_kib = (result.rss_after_kib - rss0) / n
+            result.rss_after_kib = _rss_sum(pids)
+            if result.rss_after_kib is not None:
+                result.rss_per_conn_kib = (result.rss_after_kib - rss0) / n
 
         # -- send on schedule -----------------------------------------------------------
         contacts: list[list[int]] = []
@@ -589,6 +793,7 @@ async def run_load(
         interval_ns = 1e9 / cfg.rate
         n_warm = round(cfg.rate * cfg.warmup_s)
         total = n_warm + max(1, round(cfg.rate * cfg.duration_s))
+        result.measured_sent = total - n_warm
         marks: dict[str, float] = {}
         say(f"sending {total} messages ({n_warm} warm-up) at {cfg.rate:g}/s")
 
@@ -615,21 +820,30 @@ async def run_load(
             fut.add_done_callback(functools.partial(tracker.on_ack, msg))
 
         async def sample_rss() -> None:
-            while pid:
-                with contextlib.suppress(LoadError, OSError):
-                    rss = proc_rss_kib(pid)
+            while pids:
+                rss = _rss_sum(pids)
+                if rss is not None:
                     result.rss_peak_kib = max(result.rss_peak_kib or 0, rss)
                 await asyncio.sleep(0.25)
 
         sampler = asyncio.create_task(sample_rss())
         readers.append(sampler)
 
+        backends: dict[int, str] = {}  # pid -> comm, fixed when measuring starts
+        cpu_start: dict[int, float] = {}
+        probes: list[asyncio.Future[object]] = []
+
         def mark() -> None:
             tracker.sending = True
+            backends.update(processes_named(target.count_processes))
+            backends.update((p, _comm(p)) for p in target.backend_pids)
+            for p in pids:
+                backends.pop(p, None)  # an imkit process is counted as one
             marks["t"] = time.monotonic()
             marks["gen"] = proc_cpu_s()
-            if pid:
-                marks["cpu"] = proc_cpu_s(pid)
+            cpu_start.update(_cpu_readings((*pids, *backends)))
+            if on_window is not None:
+                probes.append(asyncio.ensure_future(on_window("start")))
 
         start_ns = time.monotonic_ns()
         i = 0
@@ -662,8 +876,13 @@ async def run_load(
                 await asyncio.wait_for(tracker.progress.wait(), cfg.drain_s)
         t_end = time.monotonic()
         gen_end = proc_cpu_s()
-        cpu_end = proc_cpu_s(pid) if pid else None
+        cpu_end = _cpu_readings(cpu_start)
+        if on_window is not None:
+            await asyncio.gather(*probes)
+            await on_window("end")
     finally:
+        for probe in probes:
+            probe.cancel()
         for task in readers:
             task.cancel()
         await asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
@@ -694,13 +913,31 @@ async def run_load(
     window = max(1e-9, t_end - marks["t"])
     result.window_s = round(window, 3)
     result.generator_cpu_pct = round((gen_end - marks["gen"]) / window * 100, 1)
-    if cpu_end is not None and "cpu" in marks:
-        used = cpu_end - marks["cpu"]
+    clk = os.sysconf("SC_CLK_TCK")
+    counted = [p for p in pids if p in cpu_start]
+    result.server_processes = len(counted)
+    result.backend_processes = dict(
+        collections.Counter(backends[p] for p in backends if p in cpu_start)
+    )
+    result.processes_gone = sum(1 for p in cpu_start if p not in cpu_end)
+    result.process_cpu_s = {
+        _label(p): round(cpu_end[p] - cpu_start[p], 3) for p in cpu_start if p in cpu_end
+    }
+    deliveries = t.measured_deliveries
+    used = _cpu_used(cpu_start, cpu_end, counted)
+    if counted:
         result.server_cpu_s = round(used, 3)
-        result.server_cpu_ticks = round(used * os.sysconf("SC_CLK_TCK"))
+        result.server_cpu_ticks = round(used * clk)
         result.server_cpu_pct = round(used / window * 100, 1)
-        if t.measured_deliveries:
-            result.server_cpu_per_delivery_us = round(used / t.measured_deliveries * 1e6, 2)
+        if deliveries:
+            result.server_cpu_per_delivery_us = round(used / deliveries * 1e6, 2)
+    if result.backend_processes:
+        used_b = _cpu_used(cpu_start, cpu_end, backends)
+        result.backend_cpu_s = round(used_b, 3)
+        result.backend_cpu_ticks = round(used_b * clk)
+        if deliveries:
+            result.backend_cpu_per_delivery_us = round(used_b / deliveries * 1e6, 2)
+            result.total_cpu_per_delivery_us = round((used + used_b) / deliveries * 1e6, 2)
     if result.connect_cpu_us is not None:
         result.connect_cpu_us = round(result.connect_cpu_us, 1)
     if result.rss_per_conn_kib is not None:
@@ -721,8 +958,11 @@ class SpawnedCluster:
     """``python -m examples.cluster`` in a child process, on ephemeral ports.
 
     :meth:`start` waits for its ready file and returns a :class:`Target` (with the
-    child's pid and a secret the generator mints tokens with); :meth:`stop` sends
-    SIGINT and waits, killing it after ``timeout_s``.
+    launcher's pid, the pids of the children a ``--processes`` launcher lists, and
+    a secret the generator mints tokens with); :meth:`stop` sends SIGINT and
+    waits, killing it after ``timeout_s`` (a ``--processes`` launcher's children
+    run in sessions of their own: :attr:`pids` names them for a caller that must
+    make sure they are gone).
     """
 
     def __init__(self, *, gateways: int = 1, extra_args: Sequence[str] = ()) -> None:
@@ -733,6 +973,7 @@ class SpawnedCluster:
         self.ready = Path(self._dir.name) / "ready.json"
         self._log = Path(self._dir.name) / "cluster.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.pids: tuple[int, ...] = ()  # what the ready file listed
         self._tail = ""
 
     async def start(self, timeout_s: float = DEFAULT_READY_TIMEOUT_S) -> Target:
@@ -767,8 +1008,9 @@ class SpawnedCluster:
                 await self.stop()
                 raise LoadError(f"the launcher did not become ready:\n{self.log_tail()}")
             await asyncio.sleep(0.05)
-        info = json.loads(self.ready.read_text())
-        return Target(ipconf=info["ipconf"], pid=int(info["pid"]), secret=self.secret)
+        target = target_from_ready_file(self.ready, secret=self.secret)
+        self.pids = target.pids
+        return target
 
     def log_tail(self, lines: int = 20) -> str:
         """The last lines the launcher wrote to stderr."""
@@ -813,9 +1055,33 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start python -m examples.cluster as a subprocess, stop it at the end",
     )
-    where.add_argument("--ready-file", help="a launcher's --ready-file (ipconf URL and pid)")
+    where.add_argument(
+        "--ready-file", help="a launcher's --ready-file (ipconf URL, its pid and its children's)"
+    )
     where.add_argument("--ipconf", help="ipconf URL of a running cluster")
-    p.add_argument("--pid", type=int, help="server pid for CPU/RSS figures (with --ipconf)")
+    p.add_argument(
+        "--pid",
+        type=int,
+        action="append",
+        default=[],
+        help="an imkit server process for the CPU/RSS figures (repeatable)",
+    )
+    p.add_argument(
+        "--count-process",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="add the CPU of every process named NAME (/proc/PID/comm) when measuring starts, "
+        "e.g. redis-server, nats-server, postgres (repeatable; reported apart as backends)",
+    )
+    p.add_argument(
+        "--count-pid",
+        type=int,
+        action="append",
+        default=[],
+        metavar="PID",
+        help="add the CPU of this process as a backend (repeatable)",
+    )
     p.add_argument("--secret", help="mint tokens with this hex secret instead of /dev/token")
     p.add_argument("--gateways", type=int, default=1, help="gateways of a --spawn cluster")
     p.add_argument(
@@ -892,10 +1158,15 @@ async def _main(args: argparse.Namespace) -> int:
             log("starting python -m examples.cluster")
             target = await spawned.start()
         elif args.ready_file:
-            info = json.loads(Path(args.ready_file).read_text())
-            target = Target(ipconf=info["ipconf"], pid=int(info["pid"]), secret=secret)
+            target = target_from_ready_file(args.ready_file, secret=secret)
         else:
-            target = Target(ipconf=args.ipconf, pid=args.pid, secret=secret)
+            target = Target(ipconf=args.ipconf, secret=secret)
+        target = attrs.evolve(
+            target,
+            pids=(*target.pids, *args.pid),
+            backend_pids=args.count_pid,
+            count_processes=args.count_process,
+        )
         result = await run_load(target, config, log=log)
     except (LoadError, OSError, ValueError, KeyError, ImkitError) as exc:
         extra = f"\n{spawned.log_tail()}" if spawned is not None else ""

@@ -55,7 +55,9 @@ from .logic import BusPayload, Deliver, KickRoute, Logic, Signals
 __all__ = [
     "DEFAULT_LOGIC_SUBJECT",
     "DEFAULT_MAX_PUBLISHING",
+    "DEFAULT_PUBLISH_RETRY_S",
     "DEFAULT_RPC_TIMEOUT_S",
+    "DEFAULT_SEND_TIMEOUT_S",
     "EncodedBus",
     "LogicServer",
     "RemoteLogic",
@@ -68,10 +70,19 @@ logger = logging.getLogger("examples.remote")
 
 #: The request/reply subject every logic process serves (in one queue group).
 DEFAULT_LOGIC_SUBJECT = "imkit.logic"
-#: A logic call not answered within this long fails (the client retries a send):
-#: long enough for a sync that waits its device's turn (~ burst / rate) and a busy
-#: store, short enough that a dead logic process costs a client one retry.
+#: A logic call not answered within this long fails: long enough for a sync that
+#: waits its device's turn (~ burst / rate) and a busy store.
 DEFAULT_RPC_TIMEOUT_S = 10.0
+#: A send not answered within this long is refused with SERVER_BUSY (the client
+#: resends the same cid, which another logic process may take): a stopped or dead
+#: logic process holds a connection's frames this long, not DEFAULT_RPC_TIMEOUT_S.
+#: Above the store's worst append (PostgreSQL command timeout 5 s is the bound
+#: where it fails; a normal append takes ~1 ms).
+DEFAULT_SEND_TIMEOUT_S = 3.0
+#: A publish JetStream refused (NATS down or restarting) is tried again for this
+#: long, with a doubling pause from 50 ms up to 1 s, before it is given up (the
+#: members then see the message at their next sync).
+DEFAULT_PUBLISH_RETRY_S = 30.0
 #: Envelopes being published (JetStream not yet acknowledged) per process; past it
 #: a publish is refused like a full inbox (the clients resync): 4x a gateway's
 #: default bus inbox, so a burst is absorbed, a dead NATS is not queued forever.
@@ -245,11 +256,19 @@ class EncodedBus:
     it was away. Costs: one encode per envelope, one JetStream publish.
     """
 
-    def __init__(self, inner: BytesBus, *, max_publishing: int = DEFAULT_MAX_PUBLISHING) -> None:
+    def __init__(
+        self,
+        inner: BytesBus,
+        *,
+        max_publishing: int = DEFAULT_MAX_PUBLISHING,
+        retry_s: float = DEFAULT_PUBLISH_RETRY_S,
+    ) -> None:
         self.inner = inner
         self.max_publishing = max_publishing
+        self.retry_s = retry_s
         self._publishing: set[asyncio.Task[None]] = set()
         self.failed = 0
+        self.retried = 0
         self.refused = 0
 
     def publish_nowait(self, subject: str, payload: BusPayload) -> PublishResult:
@@ -265,11 +284,22 @@ class EncodedBus:
         return PublishResult(delivered=1, lagged=0)
 
     async def _publish(self, subject: str, data: bytes, ticket: Any) -> None:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.retry_s
+        pause = 0.05
         try:
-            await self.inner.publish(subject, data)
-        except ImkitError:
-            self.failed += 1
-            logger.warning("could not publish an envelope for %s", subject)
+            while True:
+                try:
+                    await self.inner.publish(subject, data)
+                    return
+                except ImkitError:
+                    if loop.time() + pause > give_up:
+                        self.failed += 1
+                        logger.warning("gave up publishing an envelope for %s", subject)
+                        return
+                    self.retried += 1
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 1.0)
         finally:
             if ticket is not None:
                 ticket.finish(subject)
@@ -327,17 +357,20 @@ class RemoteLogic:
         *,
         subject: str = DEFAULT_LOGIC_SUBJECT,
         timeout_s: float = DEFAULT_RPC_TIMEOUT_S,
+        send_timeout_s: float = DEFAULT_SEND_TIMEOUT_S,
     ) -> None:
         self._req = requester
         self._bus = bus
         self.subject = subject
         self.timeout_s = timeout_s
+        self.send_timeout_s = send_timeout_s
         self.failures = 0
         self.retry_after_ms = RETRY_AFTER_MS
 
-    async def _call(self, *request: Any) -> Any:
+    async def _call(self, *request: Any, timeout_s: float | None = None) -> Any:
+        wait = self.timeout_s if timeout_s is None else timeout_s
         try:
-            raw = await self._req.request(self.subject, cbor2.dumps(list(request)), self.timeout_s)
+            raw = await self._req.request(self.subject, cbor2.dumps(list(request)), wait)
         except ImkitError:
             self.failures += 1
             raise
@@ -356,10 +389,12 @@ class RemoteLogic:
     ) -> Sent | ErrorCode:
         """Store and fan out; the stored message's ids, or the refusal's code."""
         try:
-            result = await self._call("send", uid, device, cid, conv, body)
+            result = await self._call(
+                "send", uid, device, cid, conv, body, timeout_s=self.send_timeout_s
+            )
         except ImkitError:
             logger.warning("send of %s not answered by a logic server", uid)
-            return ErrorCode.SERVER_BUSY
+            return ErrorCode.SERVER_BUSY  # the gateway adds retry_after_ms
         if isinstance(result, int):
             return ErrorCode(result)
         return Sent(*result)

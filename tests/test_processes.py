@@ -16,20 +16,29 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+from examples.faultproxy import FaultProxy
 from examples.httpclient import fetch_json
 
 from imkit.aio import Client
-from imkit.session import ClientConfig
 from imkit.policy import Backoff
+from imkit.session import ClientConfig
 from imkit.store import direct_conv_id
-from tests.history import History, check_history
-from tests.services import nats_url, postgres_dsn, redis_url, unique_name
+from tests.history import Check, History, check_history
+from tests.services import (
+    nats_url,
+    postgres_dsn,
+    private_nats,
+    private_redis,
+    redis_url,
+    unique_name,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -43,9 +52,9 @@ class Layout:
     def __init__(self) -> None:
         self.users = USERS
         self.convs = {
-            direct_conv_id("alice", "bob"): frozenset({"alice", "bob"}),
-            direct_conv_id("carol", "dave"): frozenset({"carol", "dave"}),
-            "team": frozenset({"alice", "bob", "carol"}),
+            direct_conv_id("alice", "bob"): ("alice", "bob"),
+            direct_conv_id("carol", "dave"): ("carol", "dave"),
+            "team": ("alice", "bob", "carol"),
         }
         self.big = ""
 
@@ -81,10 +90,8 @@ async def _cleanup(ns: str) -> None:
     nc = await nats.connect(nats_url())
     try:
         js = nc.jetstream()
-        try:
+        with suppress(Exception):  # absent already
             await js.delete_stream(f"{ns.upper()}_BUS")
-        except Exception:  # noqa: BLE001 - absent already
-            pass
     finally:
         await nc.close()
 
@@ -184,6 +191,13 @@ async def truth(ns: str, convs: list[str]) -> dict[str, list[tuple[int, str, str
         await store.aclose()
 
 
+def replace_flag(flags: list[str], name: str, value: str) -> list[str]:
+    """``flags`` with ``name``'s value replaced."""
+    out = list(flags)
+    out[out.index(name) + 1] = value
+    return out
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -192,74 +206,214 @@ def _alive(pid: int) -> bool:
     return True
 
 
+Fault = Callable[[Launched], Awaitable[None] | None]
+
+
+async def chat_under_faults(
+    tmp_path: Path,
+    flags: list[str],
+    ns: str,
+    faults: dict[int, Fault],
+    *,
+    steps: int = 60,
+    gateways: int = 2,
+    logic: int = 2,
+    settle_s: float = 60.0,
+) -> tuple[Check, dict[str, int], dict[str, int], float]:
+    """Four clients chat (1:1 and a group) for ``steps`` rounds of 20 ms; ``faults[i]``
+    runs before round i. Then every send settles, and every stored message is
+    waited for at every member (up to 30 s); the history is checked against
+    PostgreSQL. Returns the check, the process ids before and after, and the slowest
+    send's time to its acknowledgement (s): the fault was felt."""
+    async with launched(tmp_path, flags, gateways=gateways, logic=logic) as launch:
+        layout = Layout()
+        history = History(layout)
+        clients = {uid: await client(launch, uid, i % gateways) for i, uid in enumerate(USERS)}
+        pumps = [asyncio.create_task(pump(c, uid, history)) for uid, c in clients.items()]
+        before = {p["id"]: p["pid"] for p in launch.info()["processes"]}
+        convs = {
+            "alice": [direct_conv_id("alice", "bob"), "team"],
+            "bob": [direct_conv_id("alice", "bob"), "team"],
+            "carol": [direct_conv_id("carol", "dave"), "team"],
+            "dave": [direct_conv_id("carol", "dave")],
+        }
+        for step in range(steps):
+            fault = faults.get(step)
+            if fault is not None:
+                done = fault(launch)
+                if done is not None:
+                    await done
+            for uid, c in clients.items():
+                conv = convs[uid][step % len(convs[uid])]
+                body = history.next_body(uid)
+                _, fut = c.send_nowait(conv, body.encode())
+                history.sent(uid, conv, body, fut)
+            await asyncio.sleep(0.02)
+        async with asyncio.timeout(settle_s):
+            while history.pending():
+                await asyncio.sleep(0.1)
+        stored = await truth(ns, list(layout.convs))
+        want = sum(len(rows) * len(layout.convs[c]) for c, rows in stored.items())
+        deadline = time.monotonic() + 30  # then the check says what is missing
+        while time.monotonic() < deadline and (
+            sum(len(v) for d in history.delivered.values() for v in d.values()) < want
+        ):
+            await asyncio.sleep(0.1)
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        for c in clients.values():
+            await c.aclose()
+        after: dict[str, int] = {}
+        deadline = time.monotonic() + 20  # killed processes are started again
+        while time.monotonic() < deadline:
+            after = {p["id"]: p["pid"] for p in launch.info()["processes"]}
+            if set(after) >= set(before) and all(_alive(pid) for pid in after.values()):
+                break
+            await asyncio.sleep(0.1)
+        slowest = max(r.t_done - r.t_sent for r in history.sends.values())
+        return check_history(history, stored), before, after, slowest
+
+
+def kill(ident: str, sig: int = signal.SIGKILL) -> Fault:
+    """A fault: send ``sig`` to process ``ident`` of the cluster."""
+
+    def fault(launch: Launched) -> None:
+        os.kill(launch.process(ident)["pid"], sig)
+
+    return fault
+
+
+def passed(check: Check) -> None:
+    """Assert the history check passed, with enough traffic to mean something."""
+    assert check.passed, check
+    assert check.sends_ok >= 200, check
+    assert check.sends_ok + check.sends_failed == check.stored + check.sends_failed, check
+
+
 class TestProcesses:
-    def test_chat_survives_kill_9_of_a_gateway_and_of_a_logic_process(
-        self, tmp_path: Path
-    ) -> None:
+    def test_chat_survives_kill_9_of_a_gateway_and_of_a_logic_process(self, tmp_path: Path) -> None:
         """2 gateways + 2 logic processes; under steady 1:1 and group load, ``kill -9``
         the gateway half the clients are on, then a logic process: no acknowledged
         message is lost, duplicated or misordered (checked against PostgreSQL), and the
         launcher restarts both (new pids in the ready file)."""
 
-        async def main() -> tuple[Any, dict[str, int], dict[str, int]]:
+        async def main() -> tuple[Check, dict[str, int], dict[str, int], float]:
             async with backends() as (flags, ns):
-                async with launched(tmp_path, flags) as launch:
-                    layout = Layout()
-                    history = History(layout)
-                    clients = {
-                        uid: await client(launch, uid, i % 2) for i, uid in enumerate(USERS)
-                    }
-                    pumps = [
-                        asyncio.create_task(pump(c, uid, history))
-                        for uid, c in clients.items()
-                    ]
-                    before = {p["id"]: p["pid"] for p in launch.info()["processes"]}
-                    routes = {
-                        "alice": [direct_conv_id("alice", "bob"), "team"],
-                        "bob": [direct_conv_id("alice", "bob"), "team"],
-                        "carol": [direct_conv_id("carol", "dave"), "team"],
-                        "dave": [direct_conv_id("carol", "dave")],
-                    }
-                    for step in range(60):
-                        for uid, c in clients.items():
-                            conv = routes[uid][step % len(routes[uid])]
-                            body = history.next_body(uid)
-                            _, fut = c.send_nowait(conv, body.encode())
-                            history.sent(uid, conv, body, fut)
-                        if step == 15:
-                            os.kill(launch.process("gw-1")["pid"], signal.SIGKILL)
-                        if step == 35:
-                            os.kill(launch.process("logic-1")["pid"], signal.SIGKILL)
-                        await asyncio.sleep(0.05)
-                    async with asyncio.timeout(60):
-                        while history.pending():
-                            await asyncio.sleep(0.1)
-                    stored = await truth(ns, list(layout.convs))
-                    # every acked message reaches every member: wait for the stragglers
-                    want = sum(len(rows) * len(layout.convs[c]) for c, rows in stored.items())
-                    deadline = time.monotonic() + 30  # then the check says what is missing
-                    while time.monotonic() < deadline and (
-                        sum(len(v) for d in history.delivered.values() for v in d.values())
-                        < want
-                    ):
-                        await asyncio.sleep(0.1)
-                    for task in pumps:
-                        task.cancel()
-                    await asyncio.gather(*pumps, return_exceptions=True)
-                    for c in clients.values():
-                        await c.aclose()
-                    after = {p["id"]: p["pid"] for p in launch.info()["processes"]}
-                    return check_history(history, stored), before, after
+                faults = {15: kill("gw-1"), 35: kill("logic-1")}
+                return await chat_under_faults(tmp_path, flags, ns, faults)
 
-        check, before, after = asyncio.run(main())
-        print(check)
-        assert check.passed, check
-        assert check.sends_ok >= 200, check
-        assert check.lost == 0 and check.app_duplicates == 0 and check.order_violations == 0
-        # the launcher restarted the killed processes
+        check, before, after, _ = asyncio.run(main())
+        passed(check)
         assert after["gw-1"] != before["gw-1"] and after["logic-1"] != before["logic-1"]
         assert after["gw-2"] == before["gw-2"] and after["logic-2"] == before["logic-2"]
 
+    def test_a_stopped_logic_process_costs_retries_not_messages(self, tmp_path: Path) -> None:
+        """``kill -STOP`` one of two logic processes for 5 s, then ``-CONT``: requests it
+        held time out and are resent to the other (same cid: stored once)."""
+
+        async def main() -> tuple[Check, float]:
+            async with backends() as (flags, ns):
+
+                async def stop_then_continue(launch: Launched) -> None:
+                    pid = launch.process("logic-1")["pid"]
+                    os.kill(pid, signal.SIGSTOP)
+                    loop = asyncio.get_running_loop()
+                    loop.call_later(5.0, os.kill, pid, signal.SIGCONT)
+
+                faults: dict[int, Fault] = {10: stop_then_continue}
+                check, _, _, slowest = await chat_under_faults(
+                    tmp_path, flags, ns, faults, steps=300
+                )
+                return check, slowest
+
+        check, slowest = asyncio.run(main())
+        passed(check)
+        assert slowest >= 2.5  # held by the stopped process until the 3 s send timeout
+
+    def test_nats_restarted_under_load(self, tmp_path: Path) -> None:
+        """A private ``nats-server -js`` (file store) killed and started again mid-run:
+        sends are refused while it is down (the clients resend), envelopes published
+        meanwhile are published again once it is back; nothing acked is lost."""
+
+        async def main() -> tuple[Check, float]:
+            with private_nats(tmp_path) as nats_server:
+                async with backends() as (shared, ns):
+                    flags = replace_flag(shared, "--nats", f"nats://127.0.0.1:{nats_server.port}")
+
+                    async def restart(_launch: Launched) -> None:
+                        nats_server.kill()
+                        await asyncio.sleep(2.0)
+                        await asyncio.to_thread(nats_server.start)
+
+                    check, _, _, slowest = await chat_under_faults(
+                        tmp_path, flags, ns, {15: restart}, steps=120
+                    )
+                    return check, slowest
+
+        check, slowest = asyncio.run(main())
+        passed(check)
+        assert slowest >= 1.0  # sends waited for NATS to come back
+
+    def test_redis_restarted_empty_under_load(self, tmp_path: Path) -> None:
+        """A private ``redis-server`` that keeps nothing is killed and started again:
+        every route and registration is gone; gateways register again and bind their
+        live connections back (telling the clients to resync); nothing acked is lost."""
+
+        async def main() -> tuple[Check, float]:
+            with private_redis(tmp_path) as redis_server:
+                async with backends() as (shared, ns):
+                    url = f"redis://127.0.0.1:{redis_server.port}/0"
+                    flags = replace_flag(shared, "--redis", url)
+
+                    async def restart(_launch: Launched) -> None:
+                        await asyncio.to_thread(redis_server.restart)
+
+                    check, _, _, slowest = await chat_under_faults(
+                        tmp_path, flags, ns, {15: restart}, steps=300
+                    )
+                    return check, slowest
+
+        check, _ = asyncio.run(main())
+        passed(check)
+
+    def test_postgres_unreachable_for_5_s(self, tmp_path: Path) -> None:
+        """PostgreSQL behind a proxy that swallows everything for 5 s: sends fail with
+        a retryable error and are resent; nothing acked is lost."""
+
+        async def main() -> tuple[Check, float]:
+            dsn = urlsplit(postgres_dsn())
+            proxy = FaultProxy(dsn.hostname or "127.0.0.1", dsn.port or 5432)
+            await proxy.start()
+            try:
+                async with backends() as (shared, ns):
+                    via = dsn._replace(netloc=f"{dsn.username}@127.0.0.1:{proxy.port}").geturl()
+                    flags = replace_flag(shared, "--postgres", via)
+
+                    def cut(_launch: Launched) -> None:
+                        proxy.refuse = True
+                        proxy.c2s.blackhole = proxy.s2c.blackhole = True
+
+                        def restore() -> None:
+                            proxy.reset()
+                            proxy.refuse = False
+                            proxy.c2s.blackhole = proxy.s2c.blackhole = False
+
+                        asyncio.get_running_loop().call_later(5.0, restore)
+
+                    check, _, _, slowest = await chat_under_faults(
+                        tmp_path, flags, ns, {15: cut}, steps=300
+                    )
+                    return check, slowest
+            finally:
+                await proxy.aclose()
+
+        check, slowest = asyncio.run(main())
+        passed(check)
+        assert slowest >= 3.0  # sends waited while PostgreSQL was unreachable
+
+
+class TestLauncher:
     def test_sigterm_drains_one_gateway_then_the_launcher_stops_everything(
         self, tmp_path: Path
     ) -> None:
@@ -268,30 +422,32 @@ class TestProcesses:
         the ready file, exit status 0."""
 
         async def main() -> tuple[bool, list[str], list[int], int, bool]:
-            async with backends() as (flags, _ns):
-                async with launched(tmp_path, flags, gateways=2, logic=1) as launch:
-                    alice = await client(launch, "alice", 0)
-                    bob = await client(launch, "bob", 0)
-                    conv = direct_conv_id("alice", "bob")
-                    await alice.send(conv, b"before")
-                    gw1 = launch.process("gw-1")["pid"]
-                    os.kill(gw1, signal.SIGTERM)
-                    async with asyncio.timeout(20):
-                        while _alive(gw1):
-                            await asyncio.sleep(0.05)
-                    await alice.send(conv, b"after")  # through gw-2 now
-                    got = []
-                    async for push in bob.messages():
-                        got.append(push.body)
-                        if push.body == b"after":
-                            break
-                    await alice.aclose()
-                    await bob.aclose()
-                    ids = [p["id"] for p in launch.info()["processes"]]
-                    pids = [p["pid"] for p in launch.info()["processes"]]
-                    launch.proc.send_signal(signal.SIGTERM)
-                    code = await asyncio.to_thread(launch.proc.wait, 40)
-                    return b"after" in got, ids, pids, code, launch.ready.exists()
+            async with (
+                backends() as (flags, _ns),
+                launched(tmp_path, flags, gateways=2, logic=1) as launch,
+            ):
+                alice = await client(launch, "alice", 0)
+                bob = await client(launch, "bob", 0)
+                conv = direct_conv_id("alice", "bob")
+                await alice.send(conv, b"before")
+                gw1 = launch.process("gw-1")["pid"]
+                os.kill(gw1, signal.SIGTERM)
+                async with asyncio.timeout(20):
+                    while _alive(gw1):
+                        await asyncio.sleep(0.05)
+                await alice.send(conv, b"after")  # through gw-2 now
+                got = []
+                async for push in bob.messages():
+                    got.append(push.body)
+                    if push.body == b"after":
+                        break
+                await alice.aclose()
+                await bob.aclose()
+                ids = [p["id"] for p in launch.info()["processes"]]
+                pids = [p["pid"] for p in launch.info()["processes"]]
+                launch.proc.send_signal(signal.SIGTERM)
+                code = await asyncio.to_thread(launch.proc.wait, 40)
+                return b"after" in got, ids, pids, code, launch.ready.exists()
 
         delivered, ids, pids, code, ready_left = asyncio.run(main())
         assert delivered
