@@ -50,6 +50,7 @@ __all__ = [
     "DEFAULT_GRACE_MS",
     "DEFAULT_MAX_DEVICES",
     "DEFAULT_MAX_ROUTES",
+    "AsyncRouteTable",
     "BindResult",
     "Binding",
     "BroadcastRouter",
@@ -168,6 +169,75 @@ class RouteTableBackend(Protocol):
     def get(self, uid: str, device: str) -> Binding | None: ...
     def group_by_gateway(self, uids: Iterable[str]) -> dict[str, list[Route]]: ...
     def __len__(self) -> int: ...
+
+
+class AsyncRouteTable(Protocol):
+    """The awaited route-table contract: one process (memory) or many (Redis).
+
+    The same semantics as :class:`RouteTable` (fencing by ``epoch`` and
+    ``conn_id``, several devices per user up to ``max_devices``, a grace period
+    after an unbind during which the route is parked and receives no pushes,
+    ``STALE`` / ``REPLACED`` results), but **the backend owns the clock**: no
+    ``now_ms`` goes in. ``Binding.disconnected_ms`` is in the backend's clock (the
+    event loop's for :class:`imkit.aio.routes.MemoryRouteTable`, the Redis
+    server's for :class:`imkit.aio.redis.RedisRouteTable`): compare it only with
+    other values from the same backend.
+
+    ``expire`` returns the routes whose grace ran out since the last call, each
+    reported once however many callers (processes) call it, for the ``on_expire``
+    callbacks; drive it from a periodic task. ``tests/route_suite.py`` is the
+    suite every implementation passes. Errors: ``ConfigError`` for a bad route or
+    argument, ``CapacityError`` for a full table (``.limit`` names it),
+    ``BackendError`` when a remote backend fails (the outcome of that call is
+    then unknown; binds and unbinds are safe to retry).
+    """
+
+    @property
+    def grace_ms(self) -> int:
+        """How long an unbound route stays parked before it expires."""
+        ...
+
+    @property
+    def max_devices(self) -> int:
+        """Devices bound at once per user, live or in grace."""
+        ...
+
+    @property
+    def max_routes(self) -> int:
+        """Routes held at once in the whole table, live or in grace."""
+        ...
+
+    async def bind(self, route: Route) -> BindResult:
+        """Make ``route`` the live route of its (uid, device) if its epoch allows."""
+        ...
+
+    async def unbind(self, uid: str, device: str, conn_id: int, epoch: int) -> UnbindResult:
+        """The connection (conn_id, epoch) closed: park its route for ``grace_ms`` (fenced)."""
+        ...
+
+    async def unbind_gateway(self, gateway: str) -> list[Route]:
+        """A gateway died: park every live route on it; returns the routes parked."""
+        ...
+
+    async def expire(self, limit: int | None = None) -> list[Route]:
+        """Remove and return routes whose grace ran out (at most ``limit``), oldest first."""
+        ...
+
+    async def get(self, uid: str, device: str) -> Binding | None:
+        """What is held for (uid, device), live or in grace, or None."""
+        ...
+
+    async def lookup(self, uid: str) -> tuple[Route, ...]:
+        """The live routes of ``uid`` (routes in grace excluded), in no fixed order."""
+        ...
+
+    async def group_by_gateway(self, uids: Iterable[str]) -> dict[str, list[Route]]:
+        """The live routes of ``uids`` grouped by gateway (offline users absent)."""
+        ...
+
+    async def count(self) -> int:
+        """Routes held, live plus in grace."""
+        ...
 
 
 def _positive(name: str, value: int, minimum: int) -> None:
@@ -293,9 +363,7 @@ class RouteTable:
         self._count += 1
         return BindResult.BOUND
 
-    def unbind(
-        self, uid: str, device: str, conn_id: int, epoch: int, now_ms: int
-    ) -> UnbindResult:
+    def unbind(self, uid: str, device: str, conn_id: int, epoch: int, now_ms: int) -> UnbindResult:
         """The connection (conn_id, epoch) of (uid, device) closed: start its grace period.
 
         Applied only if that exact connection is the live route (fencing); a late
