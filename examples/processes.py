@@ -319,6 +319,7 @@ async def _run_gateway(args: argparse.Namespace, b: Backends) -> int:
         await _until_signalled()
     finally:
         await gateway.stop()  # deregister, kick every client with a spread retry hint
+        await logic.aclose()  # the device cursors collected so far
         routes.close()
         await bus.flush()
         await service.aclose()

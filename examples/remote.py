@@ -53,6 +53,8 @@ from imkit.session import SyncRequested
 from .logic import BusPayload, Deliver, KickRoute, Logic, Signals
 
 __all__ = [
+    "DEFAULT_CURSOR_BATCH_MAX",
+    "DEFAULT_CURSOR_BATCH_MS",
     "DEFAULT_LOGIC_SUBJECT",
     "DEFAULT_MAX_PUBLISHING",
     "DEFAULT_PUBLISH_RETRY_S",
@@ -87,6 +89,13 @@ DEFAULT_PUBLISH_RETRY_S = 30.0
 #: a publish is refused like a full inbox (the clients resync): 4x a gateway's
 #: default bus inbox, so a burst is absorbed, a dead NATS is not queued forever.
 DEFAULT_MAX_PUBLISHING = 32_768
+#: A gateway sends the device cursors it learnt (from cumulative push acks) in one
+#: request this often, instead of one request per ack: 2 NATS messages per batch
+#: instead of 2 per ack per device. A cursor only saves a device re-downloading.
+DEFAULT_CURSOR_BATCH_MS = 200
+#: ... or as soon as this many (device, conversation) cursors are waiting (~40 B
+#: each in a request; a logic server takes no more from one batch).
+DEFAULT_CURSOR_BATCH_MAX = 2_000
 #: The hint a send refused because the logic server did not answer carries.
 RETRY_AFTER_MS = 500
 
@@ -366,6 +375,10 @@ class RemoteLogic:
         self.send_timeout_s = send_timeout_s
         self.failures = 0
         self.retry_after_ms = RETRY_AFTER_MS
+        # (uid, device, conv) -> seq, sent as one request per batch (note_cursor)
+        self._cursors: dict[tuple[str, str, str], int] = {}
+        self._cursor_timer: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     async def _call(self, *request: Any, timeout_s: float | None = None) -> Any:
         wait = self.timeout_s if timeout_s is None else timeout_s
@@ -423,8 +436,46 @@ class RemoteLogic:
             answer(request, list(response.pages))
 
     async def note_cursor(self, uid: str, device: str, conv: str, seq: int) -> None:
-        """The device holds ``conv`` through ``seq`` (its sync cursor)."""
-        await self._call("cursor", uid, device, conv, seq)
+        """The device holds ``conv`` through ``seq`` (its sync cursor).
+
+        Batched: cursors are collected and sent in one request every
+        ``DEFAULT_CURSOR_BATCH_MS`` (or at ``DEFAULT_CURSOR_BATCH_MAX`` of them), not
+        one request per push ack. A batch lost with a dead process costs its
+        devices a few seconds of messages downloaded again, never a message.
+        """
+        key = (uid, device, conv)
+        if seq > self._cursors.get(key, 0):
+            self._cursors[key] = seq
+        if len(self._cursors) >= DEFAULT_CURSOR_BATCH_MAX:
+            self._flush_cursors()
+        elif self._cursor_timer is None:
+            loop = asyncio.get_running_loop()
+            self._cursor_timer = loop.call_later(
+                DEFAULT_CURSOR_BATCH_MS / 1000, self._flush_cursors
+            )
+
+    def _flush_cursors(self) -> None:
+        if self._cursor_timer is not None:
+            self._cursor_timer.cancel()
+            self._cursor_timer = None
+        if not self._cursors:
+            return
+        batch = [[u, d, c, s] for (u, d, c), s in self._cursors.items()]
+        self._cursors = {}
+        task = asyncio.get_running_loop().create_task(self._send_cursors(batch))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _send_cursors(self, batch: list[list[Any]]) -> None:
+        try:
+            await self._call("cursors", batch)
+        except ImkitError:
+            logger.warning("%d device cursors not delivered to a logic server", len(batch))
+
+    async def aclose(self) -> None:
+        """Send the cursors collected so far and wait for them."""
+        self._flush_cursors()
+        await asyncio.gather(*list(self._background), return_exceptions=True)
 
     async def receipt(self, uid: str, conv: str, seq: int) -> None:
         """``uid`` read ``conv`` up to ``seq``."""
@@ -458,7 +509,7 @@ class LogicServer:
             "has_user": self._has_user,
             "send": self._send,
             "sync": self._sync,
-            "cursor": self._cursor,
+            "cursors": self._batch_cursors,
             "receipt": self._receipt,
             "resync": self._resync,
         }
@@ -493,8 +544,9 @@ class LogicServer:
             pages = []
         return _sync_pages(pages)
 
-    async def _cursor(self, uid: str, device: str, conv: str, seq: int) -> None:
-        await self.logic.note_cursor(uid, device, conv, seq)
+    async def _batch_cursors(self, batch: list[list[Any]]) -> None:
+        for uid, device, conv, seq in batch[:DEFAULT_CURSOR_BATCH_MAX]:
+            await self.logic.note_cursor(str(uid), str(device), str(conv), int(seq))
 
     async def _receipt(self, uid: str, conv: str, seq: int) -> None:
         await self.logic.receipt(uid, conv, seq)
