@@ -27,8 +27,9 @@ proxy-blackhole    the same proxy swallowing everything for 5 s, then resetting
 drop-acks          30 % of the clients' push acks dropped by the proxy, whole run
 =================  ==========================================================
 
-``--write`` puts the table into docs/reliability.md between the
-``<!-- process-faults -->`` markers.
+``--write`` saves the section as benchmarks/reliability/processes.md (which
+``python -m benchmarks.reliability`` stitches into docs/reliability.md) and
+replaces it in docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -73,6 +74,22 @@ SCENARIOS = (
     "drop-acks",
 )
 GROUP_SIZE = 10
+START = "<!-- process-faults -->"
+END = "<!-- /process-faults -->"
+LIMITS = "## Limits against hostile users and unlucky operators"
+SECTION_HEAD = f"""{START}
+## 6. The cluster across processes: kill -9, SIGSTOP, backend restarts, a bad network
+
+Produced by `python -m benchmarks.process_faults` (see its module doc). The system
+runs as real processes (`--processes --gateways 3 --logic 2`) on Redis, NATS
+JetStream and PostgreSQL; the faults are real signals, real server restarts and a
+TCP proxy. Counted by the same history checker, against what PostgreSQL holds.
+"clients cut": clients that lost their connection after the fault; "back": seconds
+from the fault until the first, the median and the last of them was online again
+(the last is the time to full recovery). p99 is from send to delivery to the other
+members; "10 s after" covers the deliveries in the 10 s after the fault began.
+"""
+SECTION_TAIL = END
 
 
 class Layout:
@@ -335,13 +352,20 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 
 def write(report: str) -> None:
-    """Replace the text between the markers in docs/reliability.md."""
+    """Save the section beside the reliability harness (which stitches it into
+    docs/reliability.md) and replace it in docs/reliability.md now."""
+    section = f"{SECTION_HEAD}\n{report}\n{SECTION_TAIL}"
+    (ROOT / "benchmarks" / "reliability" / "processes.md").write_text(section)
     path = ROOT / "docs" / "reliability.md"
     text = path.read_text()
-    start, end = "<!-- process-faults -->", "<!-- /process-faults -->"
-    head, _, rest = text.partition(start)
-    _, _, tail = rest.partition(end)
-    path.write_text(f"{head}{start}\n{report}\n{end}{tail}")
+    if START in text:
+        head, _, rest = text.partition(START)
+        _, _, tail = rest.partition(END)
+        text = f"{head}{section}{tail}"
+    else:  # before the limits section
+        head, mark, tail = text.partition(LIMITS)
+        text = f"{head}{section}\n{mark}{tail}"
+    path.write_text(text)
 
 
 async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:

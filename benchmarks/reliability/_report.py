@@ -173,4 +173,6 @@ def render(results: list[ScenarioResult], command: str, elapsed_s: float) -> str
     body = "\n".join(r.markdown() for r in results)
     # the limits table is kept as markdown beside this module (its rows are long)
     limits = (Path(__file__).with_name("limits.md")).read_text()
-    return f"{head}\n{body}\n{limits}\n{FOOTER}"
+    # the cluster across processes: written by python -m benchmarks.process_faults
+    processes = (Path(__file__).with_name("processes.md")).read_text()
+    return f"{head}\n{body}\n{processes}\n{limits}\n{FOOTER}"
