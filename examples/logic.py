@@ -110,7 +110,7 @@ from imkit.protocol import ErrorCode, Message, Notify, Push, Receipt, SyncPage
 from imkit.routetable import Route
 from imkit.seq import IdGenerator
 from imkit.session import SyncRequested
-from imkit.store import AsyncMessageStore, StoredMessage, direct_conv_id
+from imkit.store import AsyncMessageStore, ConvKind, StoredMessage, direct_conv_id
 
 from .routes import RouteService
 
@@ -187,6 +187,11 @@ DEFAULT_CURSOR_FLUSH_DEVICES = 500
 #: envelope queued) frees its merger slot after this long. (An envelope nobody
 #: took -- a gateway with no bus subscription -- frees its part at once.)
 DEFAULT_FANOUT_TIMEOUT_MS = 5_000
+#: 1:1 conversations whose members this logic server remembers (LRU): their two
+#: members never change, so a send to a remembered one skips the store's
+#: membership calls (two round trips to PostgreSQL in a cluster). ~200 bytes each:
+#: 20 MB at most.
+DEFAULT_MAX_DIRECTS = 100_000
 
 
 @attrs.frozen(kw_only=True)
@@ -445,6 +450,8 @@ class Logic:
         # merged fan-outs not yet completed (insertion-ordered set); one per merger
         # slot in flight, so bounded by the merger (groups x merge_inflight)
         self._open: dict[FanoutTicket, None] = {}
+        # 1:1 conversation -> its two members (fixed for good), LRU
+        self._directs: collections.OrderedDict[str, frozenset[str]] = collections.OrderedDict()
         # publishes started from timer callbacks (see _spawn)
         self._background: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -502,7 +509,15 @@ class Logic:
             self.stats.refused += 1
             return ErrorCode.TOO_LARGE
         try:
-            if not await store.is_member(uid, conv) and not await self._open_direct(uid, conv):
+            direct = self._directs.get(conv)
+            if direct is not None:
+                self._directs.move_to_end(conv)
+                if uid not in direct:
+                    self.stats.refused += 1
+                    return ErrorCode.NOT_MEMBER
+            elif await store.is_member(uid, conv) or await self._open_direct(uid, conv):
+                await self._remember_direct(conv)
+            else:
                 self.stats.refused += 1
                 return ErrorCode.NOT_MEMBER
             msg_id = self._ids.next_id(_wall_ms())
@@ -531,6 +546,16 @@ class Logic:
             logger.exception("fan-out of a message of %s failed", conv)
         return msg
 
+    async def _remember_direct(self, conv: str) -> None:
+        """If ``conv`` is a 1:1 conversation, remember its (fixed) members. One store
+        call, once per conversation (LRU of ``DEFAULT_MAX_DIRECTS``)."""
+        pair = parse_direct(conv)
+        if pair is None or (await self.store.conversation(conv)).kind is not ConvKind.DIRECT:
+            return  # a group (even one named like a 1:1 id): ask the store every time
+        self._directs[conv] = frozenset(pair)
+        if len(self._directs) > DEFAULT_MAX_DIRECTS:
+            self._directs.popitem(last=False)
+
     async def _open_direct(self, uid: str, conv: str) -> bool:
         """Create the 1:1 conversation ``conv`` if ``uid`` is one of its two users."""
         pair = parse_direct(conv)
@@ -544,7 +569,7 @@ class Logic:
 
     async def _fan_out(self, msg: StoredMessage) -> None:
         store = self.store
-        members = await store.members(msg.conv)
+        members = self._directs.get(msg.conv) or await store.members(msg.conv)
         if self._closed:
             return
         cfg = self.config

@@ -116,6 +116,41 @@ class TestFanoutBasics:
         assert Fanout[int]().subscribe("gw").max_pending == DEFAULT_MAX_PENDING
 
 
+class TestMissed:
+    def test_a_miss_is_a_marker_in_place(self) -> None:
+        """Inbox.miss puts a Lagged marker after what was queued, before what comes next."""
+        fan: Fanout[str] = Fanout()
+        inbox = fan.subscribe("gw-1")
+        fan.publish("gw-1", "a")
+        inbox.miss(3)
+        fan.publish("gw-1", "b")
+        items = [inbox.pop(), inbox.pop(), inbox.pop(), inbox.pop()]
+        assert items == [
+            Envelope(subject="gw-1", payload="a"),
+            Lagged(subject="gw-1", missed=3),
+            Envelope(subject="gw-1", payload="b"),
+            None,
+        ]
+
+    def test_a_miss_wakes_an_idle_reader_and_needs_a_positive_count(self) -> None:
+        """on_ready fires when a miss makes an empty inbox readable; n < 1 is refused."""
+        fan: Fanout[str] = Fanout()
+        woken: list[int] = []
+        inbox = fan.subscribe("gw-1", on_ready=lambda: woken.append(1))
+        inbox.miss()
+        inbox.miss()
+        assert woken == [1] and inbox.pop() == Lagged(subject="gw-1", missed=2)
+        with pytest.raises(ConfigError):
+            inbox.miss(0)
+        fan.unsubscribe(inbox)
+        inbox.miss(5)  # a closed inbox receives nothing
+        assert inbox.pop() is None
+        strict = fan.subscribe("gw-1", overflow=Overflow.REJECT)
+        with pytest.raises(ConfigError):
+            strict.miss()
+        assert fan.miss_all() == 0  # REJECT inboxes are skipped
+
+
 class TestFanoutLimits:
     @pytest.mark.parametrize("kwargs", [{"max_subjects": 0}, {"max_subscribers": 0}])
     def test_bad_constructor_limits(self, kwargs: dict[str, int]) -> None:
@@ -225,6 +260,17 @@ class FanoutMachine(RuleBasedStateMachine):
             model.log.append(self.counter if keep else None)
             queued += keep
         assert result == PublishResult(delivered=queued, lagged=len(models) - queued)
+        assert [m.ready_calls for m in models] == expected_calls
+
+    @rule(n=st.integers(1, 3))
+    def miss_all(self, n: int) -> None:
+        """A networked backend lost envelopes upstream: every inbox reads a gap."""
+        models = [m for i, m in self.models.items() if i in self.live]
+        models = [m for m in models if m.overflow is Overflow.RESYNC]
+        expected_calls = [m.ready_calls + (m.cursor == len(m.log)) for m in models]
+        assert self.fan.miss_all(n) == len(models)
+        for model in models:
+            model.log.extend([None] * n)
         assert [m.ready_calls for m in models] == expected_calls
 
     @rule(inbox=inboxes)

@@ -21,6 +21,7 @@ from examples.routes import RouteService
 from imkit.aio import Client, MemoryBus, async_store
 from imkit.policy import Backoff
 from imkit.protocol import (
+    ErrorCode,
     Kick,
     Ping,
     Pong,
@@ -481,3 +482,39 @@ class TestStoreOffTheLoop:
         print(f"ping -> pong {(ponged - pinged) * 1000:.1f} ms during a 500 ms append")
         assert (nonce, error, stored) == (7, 0, True)
         assert ponged < finished  # answered while the append was still running
+
+
+class TestDirectMembers:
+    def test_a_known_1to1_conversation_costs_no_membership_calls(self) -> None:
+        """The members of a 1:1 conversation never change: after the first send the logic
+        server asks the store only to append (and for the inbox), and a stranger is
+        still refused; a group is asked every time (its members change)."""
+
+        async def main() -> tuple[list[int], list[int], int | ErrorCode, int]:
+            store = MemoryStore()
+            for uid in ("a", "b", "c"):
+                store.create_user(uid)
+            store.create_group("g", ["a", "b"])
+            logic, counting = _logic(store)
+            conv = direct_conv_id("a", "b")
+            direct_calls = []
+            for cid in (1, 2, 3):
+                before = counting.calls["is_member"] + counting.calls["members"]
+                assert not isinstance(await logic.send("a", "d", cid, conv, b"x"), ErrorCode)
+                direct_calls.append(
+                    counting.calls["is_member"] + counting.calls["members"] - before
+                )
+            group_calls = []
+            for cid in (4, 5):
+                before = counting.calls["is_member"] + counting.calls["members"]
+                await logic.send("a", "d", cid, "g", b"x")
+                group_calls.append(counting.calls["is_member"] + counting.calls["members"] - before)
+            stranger = await logic.send("c", "d", 1, conv, b"x")
+            await logic.aclose()
+            refused = stranger if isinstance(stranger, ErrorCode) else stranger.seq
+            return direct_calls, group_calls, refused, store.last_seq(conv)
+
+        direct_calls, group_calls, refused, last = run(main)
+        assert direct_calls[0] >= 1 and direct_calls[1:] == [0, 0]
+        assert group_calls == [2, 2]
+        assert refused == ErrorCode.NOT_MEMBER and last == 3

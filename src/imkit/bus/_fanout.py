@@ -176,6 +176,25 @@ class Inbox(Generic[T]):
             return Lagged(subject=self.subject, missed=missed)
         return None
 
+    def miss(self, n: int = 1) -> None:
+        """Count ``n`` envelopes lost before they reached this inbox. O(1).
+
+        For networked backends: a subscriber that lost its connection to the server
+        missed an unknown number of envelopes; the reader gets a :class:`Lagged`
+        marker for them at this place in the stream (and resyncs). ``n >= 1``. Only
+        for RESYNC inboxes: a REJECT subscriber never reads a marker (ConfigError).
+        """
+        if n < 1:
+            raise ConfigError(f"n must be >= 1, got {n}")
+        if self.overflow is Overflow.REJECT:
+            raise ConfigError("a REJECT inbox reads no Lagged markers")
+        if self._closed:
+            return
+        was_ready = self._items or self._missed
+        self._missed += n
+        if not was_ready and self.on_ready is not None:
+            self.on_ready()
+
     def _offer(self, envelope: Envelope[T]) -> bool:
         """Queue ``envelope`` or count it as missed; True if it was queued. O(1)."""
         if self._envelopes >= self.max_pending:
@@ -314,6 +333,19 @@ class Fanout(Generic[T]):
             else:
                 lagged += 1
         return PublishResult(delivered=delivered, lagged=lagged)
+
+    def miss_all(self, n: int = 1) -> int:
+        """Count ``n`` lost envelopes in every open RESYNC inbox (:meth:`Inbox.miss`);
+        return how many inboxes. O(inboxes)."""
+        inboxes = [
+            i
+            for by_id in self._subjects.values()
+            for i in by_id.values()
+            if i.overflow is Overflow.RESYNC
+        ]
+        for inbox in inboxes:
+            inbox.miss(n)
+        return len(inboxes)
 
     def subscribers(self, subject: str) -> int:
         """How many inboxes receive ``subject``. O(1)."""
