@@ -102,6 +102,11 @@ RETRY_AFTER_MS = 500
 
 # --- payloads on the wire ------------------------------------------------------------------
 
+#: Published to a gateway whose envelope could not be published (NATS refused it for
+#: DEFAULT_PUBLISH_RETRY_S, or too many were in flight): its subscription reads it as
+#: a Lagged marker, so the gateway resyncs its clients instead of missing a message.
+RESYNC_MARKER = b"\xa1\x61r\xf5"  # CBOR {"r": true}: never an encoded payload (a list)
+
 
 def _route(route: Route) -> list[Any]:
     return [route.uid, route.device, route.gateway, route.conn_id, route.epoch]
@@ -201,6 +206,8 @@ class DecodedSubscription:
             async for item in self._inner:
                 if isinstance(item, Lagged):
                     self._missed += item.missed
+                elif item.payload == RESYNC_MARKER:  # a publisher lost envelopes for us
+                    self._missed += 1
                 else:
                     try:
                         payload = decode_payload(item.payload)
@@ -276,14 +283,17 @@ class EncodedBus:
         self.max_publishing = max_publishing
         self.retry_s = retry_s
         self._publishing: set[asyncio.Task[None]] = set()
+        self._resyncing: set[str] = set()  # gateways a resync marker is on its way to
         self.failed = 0
         self.retried = 0
         self.refused = 0
+        self.resyncs = 0
 
     def publish_nowait(self, subject: str, payload: BusPayload) -> PublishResult:
         """Encode ``payload`` and publish it in the background. O(size)."""
         if len(self._publishing) >= self.max_publishing:
             self.refused += 1
+            self._lost(subject)
             return PublishResult(delivered=0, lagged=1)
         data = encode_payload(payload)
         ticket = payload.ticket if isinstance(payload, Deliver) else None
@@ -305,6 +315,7 @@ class EncodedBus:
                     if loop.time() + pause > give_up:
                         self.failed += 1
                         logger.warning("gave up publishing an envelope for %s", subject)
+                        self._lost(subject)
                         return
                     self.retried += 1
                     await asyncio.sleep(pause)
@@ -312,6 +323,30 @@ class EncodedBus:
         finally:
             if ticket is not None:
                 ticket.finish(subject)
+
+    def _lost(self, subject: str) -> None:
+        """An envelope for ``subject`` will never arrive: make sure its gateway hears
+        of the gap. A task publishes one resync marker (read there as a Lagged: the
+        gateway tells each client what exists, and they sync), retrying every second
+        until it is stored; one task per gateway at a time."""
+        if subject in self._resyncing:
+            return
+        self._resyncing.add(subject)
+        task = asyncio.get_running_loop().create_task(self._send_resync(subject))
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
+
+    async def _send_resync(self, subject: str) -> None:
+        try:
+            while True:
+                try:
+                    await self.inner.publish(subject, RESYNC_MARKER)
+                    self.resyncs += 1
+                    return
+                except ImkitError:
+                    await asyncio.sleep(1.0)
+        finally:
+            self._resyncing.discard(subject)
 
     async def publish(self, subject: str, payload: BusPayload) -> PublishResult:
         """Encode and publish, waiting for JetStream's acknowledgement."""
