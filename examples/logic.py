@@ -192,6 +192,13 @@ DEFAULT_FANOUT_TIMEOUT_MS = 5_000
 #: membership calls (two round trips to PostgreSQL in a cluster). ~200 bytes each:
 #: 20 MB at most.
 DEFAULT_MAX_DIRECTS = 100_000
+#: A resent cid whose message was stored less than this long ago is pushed again to
+#: the members of a small conversation: the logic process that stored it may have
+#: died or stalled between the append and the publish (in a cluster the resend
+#: reaches another one), and without this its members would learn of it only at
+#: their next sync. The cost is a duplicate push after a lost ack (the clients drop
+#: it). Longer than a client's send retries take to give up on one logic process.
+DEFAULT_REPUSH_WINDOW_MS = 60_000
 
 
 @attrs.frozen(kw_only=True)
@@ -317,6 +324,7 @@ class LogicStats:
         "receipts",
         "receipts_unmoved",
         "refused",
+        "repushes",
         "sends",
         "sync_cut",
         "sync_waits",
@@ -328,6 +336,7 @@ class LogicStats:
     def __init__(self) -> None:
         self.sends = 0  # messages stored
         self.duplicates = 0  # resent cids answered from the store
+        self.repushes = 0  # recent resent messages pushed again (see _repush)
         self.refused = 0  # sends refused (not a member, too large, store full)
         self.envelopes = 0  # bus publishes
         self.pushes = 0  # push deliveries addressed (message x route)
@@ -537,7 +546,9 @@ class Logic:
             logger.exception("store failed: refusing a send to %s", conv)
             return ErrorCode.INTERNAL
         if msg.msg_id != msg_id:
-            self.stats.duplicates += 1  # a resend: stored before, fanned out before
+            self.stats.duplicates += 1  # a resend: stored before
+            if _wall_ms() - msg.server_ms < DEFAULT_REPUSH_WINDOW_MS:
+                await self._repush(msg)
             return msg
         self.stats.sends += 1
         try:
@@ -545,6 +556,18 @@ class Logic:
         except ImkitError:  # stored and acked; the members get it with their next sync
             logger.exception("fan-out of a message of %s failed", conv)
         return msg
+
+    async def _repush(self, msg: StoredMessage) -> None:
+        """Push a recently stored message again (write fan-out sizes only): its first
+        fan-out may never have happened. Groups above ``write_fanout_max`` are left to
+        their merger and pull signals (their members sync on a gap)."""
+        try:
+            members = self._directs.get(msg.conv) or await self.store.members(msg.conv)
+            if len(members) <= self.config.write_fanout_max and not self._closed:
+                self.stats.repushes += 1
+                await self._publish_pushes(members, (_push(msg),), None)
+        except ImkitError:
+            logger.warning("could not push a resent message of %s again", msg.conv)
 
     async def _remember_direct(self, conv: str) -> None:
         """If ``conv`` is a 1:1 conversation, remember its (fixed) members. One store

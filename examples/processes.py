@@ -64,7 +64,6 @@ from .auth import DEFAULT_TOKEN_TTL_S, Authenticator, new_secret
 from .gateway import Gateway, GatewayConfig
 from .ipconf import IpConf
 from .logic import Logic, LogicConfig
-from .remote import DEFAULT_LOGIC_SUBJECT, EncodedBus, LogicServer, RemoteLogic
 from .routes import RouteService
 
 __all__ = [
@@ -115,8 +114,8 @@ class Backends:
 
     @property
     def logic_subject(self) -> str:
-        """The request subject the logic processes serve."""
-        return f"{self.namespace}.{DEFAULT_LOGIC_SUBJECT.split('.', 1)[1]}"
+        """The request subject the logic processes serve (``<namespace>.logic``)."""
+        return f"{self.namespace}.logic"
 
     @property
     def schema(self) -> str:
@@ -250,6 +249,8 @@ async def _reap(
 
 
 async def _run_logic(args: argparse.Namespace, b: Backends) -> int:
+    from .remote import EncodedBus, LogicServer  # the cluster extra (cbor2)
+
     store = await open_store(b)
     routes = RouteService(
         grace_ms=args.grace_ms, node=args.index + 1, backend=route_table(b, args.grace_ms)
@@ -281,6 +282,8 @@ async def _run_logic(args: argparse.Namespace, b: Backends) -> int:
 
 
 async def _run_gateway(args: argparse.Namespace, b: Backends) -> int:
+    from .remote import EncodedBus, RemoteLogic  # the cluster extra (cbor2)
+
     secret = bytes.fromhex(os.environ["IMKIT_SECRET"])
     auth = Authenticator(secret, ttl_s=DEFAULT_TOKEN_TTL_S)
     reg = registry(b, args.discovery_ttl_ms)

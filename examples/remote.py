@@ -72,15 +72,21 @@ logger = logging.getLogger("examples.remote")
 
 #: The request/reply subject every logic process serves (in one queue group).
 DEFAULT_LOGIC_SUBJECT = "imkit.logic"
-#: A logic call not answered within this long fails: long enough for a sync that
-#: waits its device's turn (~ burst / rate) and a busy store.
-DEFAULT_RPC_TIMEOUT_S = 10.0
-#: A send not answered within this long is refused with SERVER_BUSY (the client
-#: resends the same cid, which another logic process may take): a stopped or dead
-#: logic process holds a connection's frames this long, not DEFAULT_RPC_TIMEOUT_S.
-#: Above the store's worst append (PostgreSQL command timeout 5 s is the bound
-#: where it fails; a normal append takes ~1 ms).
-DEFAULT_SEND_TIMEOUT_S = 3.0
+#: A logic call not answered within this long is asked again once (every call is
+#: idempotent), then fails: a stopped logic process (SIGSTOP, a long GC pause) holds
+#: a connection's frames at most twice this long. Long enough for a sync that waits
+#: its device's turn in the ordinary case and a busy store; a sync that waits longer
+#: is answered on the second asking.
+DEFAULT_RPC_TIMEOUT_S = 2.0
+#: A send not answered within this long is asked again once (the queue group picks
+#: a member at random, so a stopped logic process is avoided half the time), then
+#: refused with SERVER_BUSY (the client resends the same cid later). A stopped or
+#: dead logic process holds a connection's frames at most twice this long. A normal
+#: send takes ~10 ms; one that is only slow (a busy store) and is asked again is
+#: stored once (idempotent on the cid) and pushed twice at worst.
+DEFAULT_SEND_TIMEOUT_S = 1.0
+#: Attempts of one logic call (the queue group picks a member at random each time).
+ATTEMPTS = 2
 #: A publish JetStream refused (NATS down or restarting) is tried again for this
 #: long, with a doubling pause from 50 ms up to 1 s, before it is given up (the
 #: members then see the message at their next sync).
@@ -417,11 +423,15 @@ class RemoteLogic:
 
     async def _call(self, *request: Any, timeout_s: float | None = None) -> Any:
         wait = self.timeout_s if timeout_s is None else timeout_s
-        try:
-            raw = await self._req.request(self.subject, cbor2.dumps(list(request)), wait)
-        except ImkitError:
-            self.failures += 1
-            raise
+        data = cbor2.dumps(list(request))
+        for attempt in range(ATTEMPTS):
+            try:
+                raw = await self._req.request(self.subject, data, wait)
+                break
+            except ImkitError:
+                self.failures += 1
+                if attempt + 1 == ATTEMPTS:
+                    raise
         reply = cbor2.loads(raw)
         if reply[0] != "ok":
             self.failures += 1

@@ -14,11 +14,12 @@ from typing import Any, TypeVar, cast
 import pytest
 from examples.cluster import ClusterConfig, start_cluster
 from examples.gateway import GatewayConfig
-from examples.logic import Logic, LogicConfig
+from examples.logic import Deliver, Logic, LogicConfig
 from examples.probe import RawClient
 from examples.routes import RouteService
 
 from imkit.aio import Client, MemoryBus, async_store
+from imkit.bus import Envelope
 from imkit.policy import Backoff
 from imkit.protocol import (
     ErrorCode,
@@ -518,3 +519,55 @@ class TestDirectMembers:
         assert direct_calls[0] >= 1 and direct_calls[1:] == [0, 0]
         assert group_calls == [2, 2]
         assert refused == ErrorCode.NOT_MEMBER and last == 3
+
+
+class TestResentMessages:
+    def test_a_message_stored_but_never_pushed_is_pushed_on_its_resend(self) -> None:
+        """A logic process died between the append and the publish; the client resends
+        the cid (to another logic process): the message is not stored again, and the
+        recipient's gateway gets the push now rather than at the recipient's next sync."""
+
+        async def main() -> tuple[list[int], int, int]:
+            store = MemoryStore()
+            for uid in ("a", "b"):
+                store.create_user(uid)
+            conv = direct_conv_id("a", "b")
+            store.create_direct("a", "b")
+            now = int(time.time() * 1000)
+            store.append(conv, "a", 7, b"hi", wall_ms=now, msg_id=1)  # the dead process's
+            logic, _counting = _logic(store)
+            epoch = logic.routes.new_epoch()
+            await logic.routes.bind(
+                Route(uid="b", device="d", gateway="gw", conn_id=1, epoch=epoch)
+            )
+            sub = await logic.bus.subscribe("gw", max_pending=10)
+            result = await logic.send("a", "d", 7, conv, b"hi")
+            got = []
+            while (item := sub.get_nowait()) is not None:
+                assert isinstance(item, Envelope) and isinstance(item.payload, Deliver)
+                got += [p.seq for p in item.payload.pushes]
+            await logic.aclose()
+            assert not isinstance(result, ErrorCode)
+            return got, store.last_seq(conv), logic.stats.repushes
+
+        pushed, last, repushes = run(main)
+        assert pushed == [1] and last == 1 and repushes == 1
+
+    def test_an_old_resend_is_answered_without_a_push(self) -> None:
+        """A resend of a message stored long ago (past the repush window) is only
+        answered: its members have long had it."""
+
+        async def main() -> tuple[int, int]:
+            store = MemoryStore()
+            for uid in ("a", "b"):
+                store.create_user(uid)
+            conv = direct_conv_id("a", "b")
+            store.create_direct("a", "b")
+            store.append(conv, "a", 7, b"hi", wall_ms=1, msg_id=1)  # 1970
+            logic, _counting = _logic(store)
+            envelopes = logic.stats.envelopes
+            await logic.send("a", "d", 7, conv, b"hi")
+            await logic.aclose()
+            return logic.stats.envelopes - envelopes, logic.stats.duplicates
+
+        assert run(main) == (0, 1)
