@@ -88,6 +88,9 @@ TCP proxy. Counted by the same history checker, against what PostgreSQL holds.
 from the fault until the first, the median and the last of them was online again
 (the last is the time to full recovery). p99 is from send to delivery to the other
 members; "10 s after" covers the deliveries in the 10 s after the fault began.
+For kill-gateways the times count from the first kill; the second gateway dies
+15 s later, so the clients of each kill form two groups (about 0.05-1 s after each
+kill), and "all back" is about a second after the second kill.
 """
 SECTION_TAIL = END
 
